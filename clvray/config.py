@@ -1,0 +1,239 @@
+"""Typed configuration: one pydantic model per stage, defaults in code, YAML on top, CLI last.
+
+`load_config(path, overrides)` is the only way a job builds its config. Unknown keys and wrong
+types raise `ConfigError` naming the dotted key, so a typo in a YAML file or a `--set` fails
+before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Strict):
+    storage: str = "runs"
+    """Root of all runs: a local folder or `s3://bucket/prefix` shared by every node."""
+    run_id: str | None = None
+    """Folder name under `storage`; default: a hash of the resolved config (re-runs reuse it)."""
+    seed: int = 0
+
+
+class S3Section(_Strict):
+    endpoint_url: str | None = None
+    """For S3-compatible stores (MinIO, moto). Credentials come from the AWS environment."""
+    region: str | None = None
+
+
+class RaySection(_Strict):
+    address: str | None = None
+    """None: connect to `RAY_ADDRESS` if set (ray job submit), else start a local Ray."""
+    num_cpus: int | None = None
+    object_store_memory_mb: int | None = None
+
+
+class SyntheticSection(_Strict):
+    n_customers: int = Field(2000, gt=0)
+    start: dt.date = dt.date(2022, 1, 1)
+    end: dt.date = dt.date(2024, 1, 1)
+    n_products: int = Field(40, gt=0)
+    customers_per_task: int = Field(5000, gt=0)
+    """Each Ray task generates this many customers; tasks run in parallel across nodes."""
+    review_prob: float = Field(0.35, ge=0, le=1)
+    """Probability that a purchase is followed by a review."""
+    seed: int = 7
+
+
+class DataSection(_Strict):
+    source: Literal["synthetic", "contract_parquet", "amazon_reviews_json", "online_retail_csv"] = (
+        "synthetic"
+    )
+    transactions: str | None = None
+    reviews: str | None = None
+    customers: str | None = None
+    synthetic: SyntheticSection = SyntheticSection()
+
+
+class IngestSection(_Strict):
+    max_reject_share: float = Field(0.05, ge=0, le=1)
+    """Stop the run when more than this share of any table's rows is rejected."""
+    max_text_chars: int = Field(2000, gt=0)
+
+
+class FeaturesSection(_Strict):
+    cutoff: dt.date | None = None
+    """Features use `ts < cutoff`, labels `[cutoff, cutoff + horizon)`. None: end of data minus horizon."""
+    horizon_days: int = Field(90, gt=0)
+    valid_share: float = Field(0.15, gt=0, lt=1)
+    test_share: float = Field(0.2, gt=0, lt=1)
+    num_partitions: int = Field(8, gt=0)
+    """Hash partitions of the customer shuffle; raise with the row count (~1M rows each)."""
+
+    @model_validator(mode="after")
+    def _shares(self) -> FeaturesSection:
+        if self.valid_share + self.test_share >= 1:
+            raise ValueError("valid_share + test_share must be below 1")
+        return self
+
+
+class FinetuneSection(_Strict):
+    enabled: bool = True
+    target: Literal["rating", "churn"] = "rating"
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_reviews: int | None = Field(3000, gt=0)
+    """Cap on training reviews (a sample); None uses every review before the cutoff."""
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0)
+    checkpoints_to_keep: int = Field(2, gt=0)
+    """Newest epoch checkpoints kept under the run's storage (each holds optimizer state too)."""
+    grad_clip_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class EmbedSection(_Strict):
+    batch_size: int = Field(64, gt=0)
+    min_actors: int = Field(1, gt=0)
+    max_actors: int = Field(2, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    dtype: Literal["float16", "float32"] = "float32"
+    reduce: Literal["none", "pca", "random"] = "pca"
+    reduce_dim: int = Field(16, gt=0)
+    recency_half_life_days: float = Field(90.0, gt=0)
+    tokenize_batch_size: int = Field(1024, gt=0)
+    """Rows per CPU tokenization task; rows are sorted by length inside it, so the model batches
+    cut from it carry little padding."""
+    reduce_fit_rows: int = Field(50_000, gt=0)
+    """At most this many train customers (a hash sample) go to the driver to fit the reduction."""
+    reduce_seed: int = 0
+
+
+class TextSection(_Strict):
+    enabled: bool = True
+    model: str = "packaged:all-MiniLM-L6-v2"
+    """Local directory, `s3://` prefix, hub id (clusters with internet) or `packaged:all-MiniLM-L6-v2`."""
+    max_length_tokens: int = Field(128, gt=0)
+    num_partitions: int = Field(8, gt=0)
+    """Hash partitions of the text path's customer shuffles (label join, per-customer features)."""
+    finetune: FinetuneSection = FinetuneSection()
+    embed: EmbedSection = EmbedSection()
+
+
+class TrainSection(_Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    num_boost_round: int = Field(300, gt=0)
+    early_stopping_rounds: int = Field(30, gt=0)
+    max_depth: int = Field(5, gt=0)
+    eta: float = Field(0.05, gt=0)
+    subsample: float = Field(0.9, gt=0, le=1)
+    value_objective: Literal["reg:tweedie", "reg:squarederror", "reg:pseudohubererror"] = (
+        "reg:tweedie"
+    )
+    tweedie_variance_power: float = Field(1.3, gt=1, lt=2)
+    quantiles: list[float] = [0.1, 0.5, 0.9]
+
+
+class ScoreSection(_Strict):
+    batch_size: int = Field(4096, gt=0)
+    n_segments: int = Field(10, gt=1)
+    top_contributions: int = Field(3, ge=0)
+
+
+class Config(_Strict):
+    run: RunSection = RunSection()
+    s3: S3Section = S3Section()
+    ray: RaySection = RaySection()
+    data: DataSection = DataSection()
+    ingest: IngestSection = IngestSection()
+    features: FeaturesSection = FeaturesSection()
+    text: TextSection = TextSection()
+    train: TrainSection = TrainSection()
+    score: ScoreSection = ScoreSection()
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not where they go or which Ray runs them)."""
+        payload = self.model_dump(mode="json", exclude={"run": {"storage", "run_id"}, "ray": True})
+        text = json.dumps(payload, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    # YAML parsing gives ints, floats, bools, nulls and lists from the command line.
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {'.'.join(path)!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown config key {key!r}")
+        else:
+            lines.append(f"{source}: config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config from code defaults, then the YAML file at `path`, then `overrides`.
+
+    Raises ConfigError naming the file and dotted key of any unknown key or wrong value.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _set_path(tree, keys, value)
+        source = f"{source} + --set" if "--set" not in source else source
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None

@@ -1,0 +1,221 @@
+"""The data contract: the schemas every source is mapped to, and the row rules.
+
+The rule functions work on one pyarrow batch (no Ray), so they are unit-tested directly; the
+ingest stage maps them over the input with Ray Data.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+TRANSACTIONS = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("order_id", pa.string()),
+        ("ts", TS),
+        ("amount", pa.float64()),
+    ]
+)
+
+REVIEWS = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("review_id", pa.string()),
+        ("ts", TS),
+        ("text", pa.string()),
+        ("rating", pa.int8()),
+        ("order_id", pa.string()),
+        ("product_id", pa.string()),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        ("table", pa.string()),
+        ("reason", pa.string()),
+        ("row", pa.string()),
+    ]
+)
+
+SCHEMAS = {"transactions": TRANSACTIONS, "reviews": REVIEWS}
+REQUIRED_INPUT = {
+    "transactions": ["customer_id", "order_id", "ts", "amount"],
+    "reviews": ["customer_id", "review_id", "ts", "text"],
+    "customers": ["customer_id"],
+}
+REASON = "_reject_reason"
+
+
+class ContractError(ValueError):
+    """A file cannot be mapped to the contract at all (a missing column, say)."""
+
+
+def check_columns(table: str, columns: list[str], source: str) -> None:
+    """Fail at the door when an input lacks a required column; names the file and column."""
+    missing = [c for c in REQUIRED_INPUT[table] if c not in columns]
+    if missing:
+        raise ContractError(
+            f"{source}: {table} input lacks required column(s) {missing}; found {sorted(columns)}"
+        )
+
+
+def _str_col(df: pd.DataFrame, name: str) -> pd.Series:
+    if name not in df:
+        return pd.Series([None] * len(df), dtype=object, index=df.index)
+    col = df[name]
+    out = col.astype(object).where(col.notna(), None)
+    return out.map(lambda v: v if v is None or isinstance(v, str) else _id_str(v))
+
+
+def _id_str(v: object) -> str:
+    # 12345.0 read from a CSV column with gaps is the id "12345", not "12345.0".
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def parse_ts(col: pd.Series) -> pd.Series:
+    """Timestamps to UTC; numbers are unix seconds; naive strings are taken as UTC."""
+    if pd.api.types.is_datetime64_any_dtype(col):
+        ts = col if getattr(col.dt, "tz", None) is not None else col.dt.tz_localize("UTC")
+        return ts.dt.tz_convert("UTC")
+    if pd.api.types.is_numeric_dtype(col):
+        return pd.to_datetime(col, unit="s", utc=True, errors="coerce")
+    return pd.to_datetime(col.astype(object), utc=True, errors="coerce", format="mixed")
+
+
+def _raw_json(df: pd.DataFrame, mask: np.ndarray) -> list[str]:
+    sub = df.loc[mask]
+    return [json.dumps(r, default=str) for r in sub.to_dict(orient="records")]
+
+
+def _first_reason(reasons: list[tuple[np.ndarray, str]], n: int) -> np.ndarray:
+    out = np.full(n, None, dtype=object)
+    for mask, reason in reasons:
+        out[(out == None) & mask] = reason  # noqa: E711 - elementwise test on an object array
+    return out
+
+
+def validate_transactions(batch: pd.DataFrame) -> pd.DataFrame:
+    """Normalise one batch to the transactions contract; `_reject_reason` is None when accepted."""
+    n = len(batch)
+    customer_id = _str_col(batch, "customer_id")
+    order_id = _str_col(batch, "order_id")
+    ts = parse_ts(batch["ts"]) if "ts" in batch else pd.Series(pd.NaT, index=batch.index)
+    amount = pd.to_numeric(batch.get("amount"), errors="coerce").astype("float64")
+    reasons = _first_reason(
+        [
+            (
+                customer_id.map(lambda v: v is None or v.strip() == "").to_numpy(bool),
+                "customer_id: missing or empty",
+            ),
+            (order_id.map(lambda v: v is None or v == "").to_numpy(bool), "order_id: missing"),
+            (ts.isna().to_numpy(bool), "ts: missing or unparseable"),
+            (
+                ~np.isfinite(amount.to_numpy(dtype="float64", na_value=np.nan)),
+                "amount: missing or not finite",
+            ),
+        ],
+        n,
+    )
+    return pd.DataFrame(
+        {
+            "customer_id": customer_id.to_numpy(),
+            "order_id": order_id.to_numpy(),
+            "ts": ts.to_numpy(),
+            "amount": amount.to_numpy(dtype="float64", na_value=np.nan),
+            REASON: reasons,
+            "_raw": _raw_json(batch, np.ones(n, bool)) if n else [],
+        }
+    )
+
+
+def validate_reviews(batch: pd.DataFrame, max_text_chars: int) -> pd.DataFrame:
+    """Normalise one batch to the reviews contract; text is truncated, never rejected."""
+    n = len(batch)
+    customer_id = _str_col(batch, "customer_id")
+    review_id = _str_col(batch, "review_id")
+    ts = parse_ts(batch["ts"]) if "ts" in batch else pd.Series(pd.NaT, index=batch.index)
+    text = _str_col(batch, "text").map(lambda v: "" if v is None else v[:max_text_chars])
+    if "rating" in batch:
+        rating = pd.to_numeric(batch["rating"], errors="coerce").astype("float64").to_numpy()
+    else:
+        rating = np.full(n, np.nan)
+    bad_rating = ~np.isnan(rating) & ((rating < 1) | (rating > 5) | (rating != np.round(rating)))
+    unparseable_rating = np.zeros(n, bool)
+    if "rating" in batch:
+        unparseable_rating = batch["rating"].notna().to_numpy() & np.isnan(rating)
+    reasons = _first_reason(
+        [
+            (
+                customer_id.map(lambda v: v is None or v.strip() == "").to_numpy(bool),
+                "customer_id: missing or empty",
+            ),
+            (review_id.map(lambda v: v is None or v == "").to_numpy(bool), "review_id: missing"),
+            (ts.isna().to_numpy(bool), "ts: missing or unparseable"),
+            (bad_rating | unparseable_rating, "rating: not an integer in 1..5"),
+        ],
+        n,
+    )
+    return pd.DataFrame(
+        {
+            "customer_id": customer_id.to_numpy(),
+            "review_id": review_id.to_numpy(),
+            "ts": ts.to_numpy(),
+            "text": text.to_numpy(),
+            "rating": pd.array(
+                np.where(np.isnan(rating) | bad_rating, np.nan, rating), dtype="Int8"
+            ),
+            "order_id": _str_col(batch, "order_id").to_numpy(),
+            "product_id": _str_col(batch, "product_id").to_numpy(),
+            REASON: reasons,
+            "_raw": _raw_json(batch, np.ones(n, bool)) if n else [],
+        }
+    )
+
+
+def mark_duplicates(batch: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Reject every row whose `key` was already seen; the block holds all rows of each key.
+
+    Keeps the earliest row (by ts, then raw row text) so the outcome does not depend on the
+    order in which the shuffle delivered rows.
+    """
+    if batch.empty:
+        return batch
+    ok = batch[REASON].isna()
+    order = batch.sort_values(["ts", "_raw"], kind="stable").index
+    dup = batch.loc[order, key].duplicated(keep="first") & ok.loc[order]
+    batch.loc[dup[dup].index, REASON] = f"{key}: duplicate"
+    return batch
+
+
+def to_contract(batch: pd.DataFrame, table: str) -> pa.Table:
+    """Accepted rows of a validated batch, typed exactly as the contract says."""
+    schema = SCHEMAS[table]
+    cols = {}
+    for field in schema:
+        values = batch[field.name]
+        if field.name == "ts":
+            cols[field.name] = pa.array(pd.to_datetime(values, utc=True), type=TS)
+        else:
+            cols[field.name] = pa.array(
+                values.astype(object).where(values.notna(), None), type=field.type
+            )
+    return pa.table(cols, schema=schema)
+
+
+def to_rejects(batch: pd.DataFrame, table: str) -> pa.Table:
+    return pa.table(
+        {
+            "table": pa.array([table] * len(batch), pa.string()),
+            "reason": pa.array(batch[REASON].astype(object), pa.string()),
+            "row": pa.array(batch["_raw"].astype(object), pa.string()),
+        },
+        schema=REJECTS,
+    )

@@ -1,0 +1,221 @@
+"""The whole job, stage by stage, over one run directory.
+
+`run_pipeline(cfg)` is what `jobs/pipeline.py` calls, on a laptop or through `ray job submit`.
+Each stage reads and writes parquet under `<storage>/<run_id>/`, and writes
+`<stage>/_SUCCESS.json` holding the config fingerprint when it finishes; a re-run with the
+same resolved config skips every stage whose marker matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from clvray import evaluate as evaluation
+from clvray.config import Config
+from clvray.features import FEATURES, build_features, resolve_cutoff
+from clvray.ingest import ingest
+from clvray.io import read_parquet, write_parquet
+from clvray.score import fit_segment_edges, score_customers
+from clvray.storage import Storage, join
+from clvray.synth import generate
+from clvray.train import train_models
+
+log = logging.getLogger("clvray")
+
+BEHAVIOURAL = "gbm_behavioural"
+TEXT_PRETRAINED = "gbm_text_pretrained"
+TEXT_FINETUNED = "gbm_text_finetuned"
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster named by `ray.address` or `RAY_ADDRESS` (set by `ray job submit`),
+    else start a local Ray sized by `ray.num_cpus`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    kwargs: dict = {"include_dashboard": False}
+    if cfg.ray.num_cpus:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    if cfg.ray.object_store_memory_mb:
+        kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024**2
+    ray.init(**kwargs)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    storage: Storage
+    run_dir: str
+    fingerprint: str
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def done(self, stage: str) -> bool:
+        marker = join(self.run_dir, stage, "_SUCCESS.json")
+        return (
+            self.storage.exists(marker)
+            and self.storage.read_json(marker).get("fingerprint") == self.fingerprint
+        )
+
+    def mark(self, stage: str, info: dict | None = None) -> None:
+        self.storage.write_json(
+            join(self.run_dir, stage, "_SUCCESS.json"),
+            {"fingerprint": self.fingerprint, **(info or {})},
+        )
+
+    def info(self, stage: str) -> dict:
+        return self.storage.read_json(join(self.run_dir, stage, "_SUCCESS.json"))
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("stage %s: start", stage)
+        yield
+        self.timings[stage] = round(time.perf_counter() - start, 2)
+        log.info("stage %s: %.1fs", stage, self.timings[stage])
+
+
+def prepare_run(cfg: Config) -> Run:
+    storage = Storage(cfg.s3.endpoint_url, cfg.s3.region)
+    fingerprint = cfg.fingerprint()
+    run_id = cfg.run.run_id or f"{cfg.data.source}-{fingerprint}"
+    run_dir = join(cfg.run.storage, run_id)
+    storage.makedirs(run_dir)
+    storage.write_text(join(run_dir, "config.yaml"), cfg.to_yaml())
+    return Run(cfg, storage, run_dir, fingerprint)
+
+
+def _ensure_synthetic(run: Run) -> Config:
+    """Generate the synthetic input once per synthetic config, beside the runs, and point
+    the data section at it (the written config.yaml records the resolved paths)."""
+    cfg = run.cfg
+    if cfg.data.source != "synthetic" or cfg.data.transactions:
+        return cfg
+    import hashlib
+
+    key = hashlib.sha256(cfg.data.synthetic.model_dump_json().encode()).hexdigest()[:10]
+    data_dir = join(cfg.run.storage, "_synthetic", key)
+    marker = join(data_dir, "_SUCCESS.json")
+    if not run.storage.exists(marker):
+        with run.timed("generate"):
+            counts = generate(cfg.data.synthetic, data_dir, run.storage)
+        run.storage.write_json(marker, counts)
+    data = cfg.data.model_copy(
+        update={
+            "transactions": join(data_dir, "transactions"),
+            "reviews": join(data_dir, "reviews"),
+        }
+    )
+    return cfg.model_copy(update={"data": data})
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """Run every stage; returns the metrics written to `<run_dir>/metrics.json`."""
+    connect_ray(cfg)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = (
+        os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+    )
+    run = prepare_run(cfg)
+    cfg = _ensure_synthetic(run)
+    run.cfg = cfg
+    storage, run_dir = run.storage, run.run_dir
+
+    if run.done("ingest"):
+        run.skipped.append("ingest")
+    else:
+        with run.timed("ingest"):
+            counts = ingest(cfg, storage, run_dir)
+        run.mark("ingest", {"counts": counts})
+    counts = run.info("ingest")["counts"]
+
+    cutoff = resolve_cutoff(cfg, storage, run_dir)
+    if run.done("features"):
+        run.skipped.append("features")
+    else:
+        with run.timed("features"):
+            build_features(cfg, storage, run_dir, cutoff)
+        run.mark("features", {"cutoff": cutoff.isoformat()})
+    customers = read_parquet(join(run_dir, "features", "customers"), storage).materialize()
+    n_customers = customers.count()
+
+    variants: dict[str, list[str]] = {BEHAVIOURAL: list(FEATURES)}
+    fused: dict[str, object] = {BEHAVIOURAL: customers}
+    if cfg.text.enabled and "reviews" in counts:
+        from clvray import textpath
+
+        for variant, text_uri in textpath.run_text_stages(run, customers, cutoff).items():
+            stage = f"fuse/{variant}"
+            uri = join(run_dir, "fuse", variant)
+            text_ds = read_parquet(text_uri, storage)
+            if not run.done(stage):
+                with run.timed(stage):
+                    joined = customers.join(
+                        text_ds,
+                        join_type="left_outer",
+                        num_partitions=cfg.features.num_partitions,
+                        on=("customer_id",),
+                    )
+                    write_parquet(joined, uri, storage)
+                run.mark(stage)
+            fused[variant] = read_parquet(uri, storage).materialize()
+            text_cols = [c for c in text_ds.columns() if c != "customer_id"]
+            variants[variant] = list(FEATURES) + text_cols
+
+    for variant, features in variants.items():
+        stage = f"models/{variant}"
+        if run.done(stage):
+            run.skipped.append(stage)
+            continue
+        with run.timed(f"train/{variant}"):
+            train_models(
+                fused[variant], features, cfg.train, storage, run_dir, variant, seed=cfg.run.seed
+            )
+        run.mark(stage)
+
+    primary = TEXT_FINETUNED if TEXT_FINETUNED in variants else list(variants)[-1]
+    model_uri = join(run_dir, "models", primary)
+    if run.done("scores"):
+        run.skipped.append("scores")
+    else:
+        with run.timed("score"):
+            fit_segment_edges(fused[primary], model_uri, storage, cfg.score.n_segments, n_customers)
+            score_customers(fused[primary], model_uri, cfg.score, storage, run_dir)
+        run.mark("scores", {"model": primary})
+
+    with run.timed("evaluate"):
+        metrics = evaluation.evaluate(run, fused, primary, cutoff, counts)
+    metrics["timings_s"] = run.timings
+    metrics["skipped_stages"] = run.skipped
+    storage.write_json(join(run_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def headline(metrics: dict) -> pd.DataFrame:
+    """One row per model: the numbers a user looks at first."""
+    rows = []
+    for name, m in metrics["models"].items():
+        rows.append(
+            {
+                "model": name,
+                "normalized_gini": m.get("value", {}).get("normalized_gini"),
+                "spearman": m.get("value", {}).get("spearman"),
+                "decile_mape": m.get("value", {}).get("decile_mape"),
+                "churn_roc_auc": m.get("churn", {}).get("roc_auc"),
+                "interval_coverage": m.get("interval_coverage"),
+            }
+        )
+    return pd.DataFrame(rows).set_index("model")

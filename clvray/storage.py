@@ -1,0 +1,126 @@
+"""One place that knows about local paths and `s3://` URIs.
+
+Every stage reads and writes through a `Storage`: it hands Ray Data and Ray Train a pyarrow
+filesystem plus a scheme-less path, and does the few small driver-side reads and writes
+(config, metrics, markers, report). Credentials come from the standard AWS environment
+(`AWS_ACCESS_KEY_ID`, profiles, instance roles); `endpoint_url` serves S3-compatible stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Resolves URIs to (pyarrow filesystem, path). Picklable, so Ray tasks can carry it."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        if is_s3(uri):
+            parsed = urlparse(uri)
+            kwargs: dict[str, Any] = {}
+            if self.endpoint_url:
+                ep = urlparse(self.endpoint_url)
+                kwargs["endpoint_override"] = ep.netloc or ep.path
+                kwargs["scheme"] = ep.scheme or "https"
+            region = (
+                self.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+            )
+            if region:
+                kwargs["region"] = region
+            fs = pafs.S3FileSystem(**kwargs)
+            return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+    def fs_path(self, uri: str) -> str:
+        return self.filesystem(uri)[1]
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.filesystem(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def makedirs(self, uri: str) -> None:
+        fs, path = self.filesystem(uri)
+        fs.create_dir(path, recursive=True)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        fs, path = self.filesystem(uri)
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.filesystem(uri)
+        with fs.open_input_stream(path) as src:
+            return src.read()
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_text(uri))
+
+    def delete_dir(self, uri: str) -> None:
+        fs, path = self.filesystem(uri)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    def list_files(self, uri: str) -> list[str]:
+        fs, path = self.filesystem(uri)
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+    def upload_dir(self, local_dir: str, uri: str) -> None:
+        """Copy a small local folder (a model, a report) to `uri`."""
+        fs, path = self.filesystem(uri)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(
+            local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+
+    def download_dir(self, uri: str, local_dir: str) -> None:
+        fs, path = self.filesystem(uri)
+        os.makedirs(local_dir, exist_ok=True)
+        pafs.copy_files(
+            path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with '/', for local paths and s3:// alike."""
+    out = uri.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
