@@ -66,11 +66,18 @@ def check_columns(table: str, columns: list[str], source: str) -> None:
 
 
 def _str_col(df: pd.DataFrame, name: str) -> pd.Series:
+    """A column as Python strings with None for missing values (whatever the input dtype)."""
     if name not in df:
         return pd.Series([None] * len(df), dtype=object, index=df.index)
-    col = df[name]
-    out = col.astype(object).where(col.notna(), None)
-    return out.map(lambda v: v if v is None or isinstance(v, str) else _id_str(v))
+    values = [
+        None if _missing(v) else (v if isinstance(v, str) else _id_str(v))
+        for v in df[name].tolist()
+    ]
+    return pd.Series(values, dtype=object, index=df.index)
+
+
+def _missing(v: object) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or v is pd.NaT
 
 
 def _id_str(v: object) -> str:

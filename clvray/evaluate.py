@@ -37,55 +37,42 @@ def _model_metrics(y: np.ndarray, churned: np.ndarray, preds: dict[str, np.ndarr
     return out
 
 
-def btyd_predictions(
-    train: pd.DataFrame, test: pd.DataFrame, horizon_days: int
-) -> dict[str, np.ndarray]:
-    """BG/NBD + Gamma-Gamma fitted on train customers' calibration summaries, in weeks."""
-    fit = train.sample(min(len(train), BTYD_FIT_CUSTOMERS), random_state=0) if len(train) else train
+def _calibration(df: pd.DataFrame) -> pd.DataFrame:
+    """Calibration summaries in weeks (BG/NBD is fitted on weeks, as in the literature)."""
+    return pd.DataFrame(
+        {
+            "frequency": df["frequency"].to_numpy(float),
+            "recency": df["recency_days"].to_numpy(float) / 7.0,
+            "T": df["T_days"].to_numpy(float) / 7.0,
+            "monetary": df["monetary_repeat"].to_numpy(float),
+        }
+    )
 
-    def summary(df: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "frequency": df["frequency"].to_numpy(float),
-                "recency": df["recency_days"].to_numpy(float) / 7.0,
-                "T": df["T_days"].to_numpy(float) / 7.0,
-                "monetary": df["monetary_repeat"].to_numpy(float),
-            }
-        )
 
-    bg = baselines.fit_bgnbd(*(summary(fit)[c].to_numpy() for c in ("frequency", "recency", "T")))
-    s = summary(test)
+def btyd_predictions(train: pd.DataFrame, test: pd.DataFrame, horizon_days: int) -> dict:
+    """BG/NBD + Gamma-Gamma fitted on train customers, predicted for test customers."""
+    fit = train.sample(min(len(train), BTYD_FIT_CUSTOMERS), random_state=0)
+    calib = _calibration(fit)
+    repeat = calib.loc[(calib["frequency"] > 0) & (calib["monetary"] > 0), "monetary"]
+    # Constant order values (Amazon reviews as purchases of value 1) leave Gamma-Gamma
+    # nothing to fit: value is then expected purchases times the mean order value.
+    with_spend = len(repeat) > 10 and repeat.std() > 1e-9
+    model = baselines.fit_btyd(calib, value=with_spend)
+    s = _calibration(test)
     t = horizon_days / 7.0
-    purchases = baselines.bgnbd_expected_purchases(
-        bg, s["frequency"].to_numpy(), s["recency"].to_numpy(), s["T"].to_numpy(), t
-    )
-    p_alive = baselines.bgnbd_prob_alive(
-        bg, s["frequency"].to_numpy(), s["recency"].to_numpy(), s["T"].to_numpy()
-    )
+    pred = baselines.predict_btyd(model, s, t)
+    spend = pred["expected_spend"] if with_spend else float(train["monetary"].mean())
+    bg = model.bgnbd
     # P(no purchase in t) = P(dead) + P(alive) * E[exp(-lambda t) | data]; lambda | data,
     # alive ~ Gamma(r + x, alpha + T), whose Laplace transform gives the second factor.
     no_buy_if_alive = ((bg.alpha + s["T"]) / (bg.alpha + s["T"] + t)) ** (bg.r + s["frequency"])
-    churn_prob = 1.0 - p_alive * (1.0 - no_buy_if_alive.to_numpy())
-    fm = summary(fit)
-    repeat = fm[(fm["frequency"] > 0) & (fm["monetary"] > 0)]
-    if len(repeat) > 10 and repeat["monetary"].std() > 1e-9:
-        gg = baselines.fit_gamma_gamma(
-            repeat["frequency"].to_numpy(), repeat["monetary"].to_numpy()
-        )
-        spend = baselines.gamma_gamma_expected_spend(
-            gg, s["frequency"].to_numpy(), s["monetary"].to_numpy()
-        )
-        spend = np.where(
-            s["frequency"].to_numpy() > 0,
-            spend,
-            baselines.gamma_gamma_expected_spend(gg, np.zeros(1), np.zeros(1))[0],
-        )
-    else:  # constant order values (e.g. Amazon reviews as purchases of value 1)
-        spend = np.full(len(s), float(train["monetary"].mean()) if len(train) else 1.0)
     return {
-        "future_value_pred": np.asarray(purchases) * np.asarray(spend),
-        "churn_prob": np.asarray(churn_prob),
-        "params": {"bgnbd": bg._asdict() if hasattr(bg, "_asdict") else vars(bg)},
+        "future_value_pred": pred["expected_purchases"] * spend,
+        "churn_prob": 1.0 - pred["prob_alive"] * (1.0 - no_buy_if_alive.to_numpy()),
+        "params": {
+            "bgnbd": vars(bg),
+            "gamma_gamma": vars(model.gamma_gamma) if model.gamma_gamma else None,
+        },
     }
 
 

@@ -66,21 +66,36 @@ def split_of(
     )
 
 
+EVENT_SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("order_id", pa.string()),
+        ("amount", pa.float64()),
+        ("rating", pa.float64()),
+        ("kind", pa.string()),
+    ]
+)
+
+
 def to_events(batch: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Project a transactions or reviews batch onto the common event columns."""
     n = len(batch)
     return pd.DataFrame(
         {
-            "customer_id": batch["customer_id"],
+            "customer_id": batch["customer_id"].astype(object),
             "ts": batch["ts"],
-            "order_id": batch["order_id"]
-            if "order_id" in batch
-            else pd.Series([None] * n, dtype=object),
+            "order_id": batch["order_id"].astype(object) if "order_id" in batch else [None] * n,
             "amount": batch["amount"].astype("float64") if kind == "t" else np.zeros(n),
             "rating": batch["rating"].astype("float64") if kind == "r" else np.full(n, np.nan),
             "kind": np.full(n, kind, dtype=object),
         }
     )
+
+
+def _events_block(batch: pd.DataFrame, kind: str) -> pa.Table:
+    # One fixed schema for both kinds: the shuffle concatenates their blocks.
+    return pa.Table.from_pandas(to_events(batch, kind), schema=EVENT_SCHEMA, preserve_index=False)
 
 
 def customer_features(
@@ -207,7 +222,7 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
     """Write `features/customers` (one row per customer, features + labels + split)."""
     f = cfg.features
     events = read_parquet(join(run_dir, "ingest", "transactions"), storage).map_batches(
-        to_events, batch_format="pandas", fn_kwargs={"kind": "t"}
+        _events_block, batch_format="pandas", fn_kwargs={"kind": "t"}
     )
     reviews_uri = join(run_dir, "ingest", "reviews")
     if storage.exists(reviews_uri):
@@ -215,7 +230,7 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
             reviews_uri, storage, columns=["customer_id", "ts", "order_id", "rating"]
         )
         events = events.union(
-            reviews.map_batches(to_events, batch_format="pandas", fn_kwargs={"kind": "r"})
+            reviews.map_batches(_events_block, batch_format="pandas", fn_kwargs={"kind": "r"})
         )
     customers = events.repartition(f.num_partitions, keys=["customer_id"]).map_batches(
         _features_block,

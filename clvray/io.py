@@ -37,7 +37,15 @@ def read_input(uri: str, storage: Storage, string_columns: list[str] | None = No
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {uri} does not exist")
-    fmt = detect_format(uri)
+    if info.type == pafs.FileType.Directory:
+        files = [
+            f for f in storage.list_files(uri) if not f.rsplit("/", 1)[-1].startswith(("_", "."))
+        ]
+        if not files:
+            raise InputError(f"input {uri} is an empty folder")
+        fmt = detect_format(files[0])
+    else:
+        fmt = detect_format(uri)
     if fmt == "csv":
         convert = pacsv.ConvertOptions(
             column_types={c: pa.string() for c in string_columns or []},

@@ -77,7 +77,11 @@ class Storage:
         return self.read_bytes(uri).decode("utf-8")
 
     def write_json(self, uri: str, obj: Any) -> None:
-        self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+        """Strict JSON: NaN and infinities (an undefined metric) are written as null."""
+        text = json.dumps(
+            _finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False
+        )
+        self.write_text(uri, text)
 
     def read_json(self, uri: str) -> Any:
         return json.loads(self.read_text(uri))
@@ -114,6 +118,20 @@ def join(uri: str, *parts: str) -> str:
     for p in parts:
         out = f"{out}/{p.strip('/')}"
     return out
+
+
+def _finite(obj: Any) -> Any:
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
