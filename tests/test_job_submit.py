@@ -1,0 +1,93 @@
+"""`ray job submit`, the real CLI, against a Ray head started by the test on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+EXCLUDES = [".git", ".venv", "runs", "data", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head (token auth on) whose processes are stopped by its temp dir only,
+    so the session's own local Ray keeps running."""
+    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _free_port(), _free_port()
+    subprocess.run(
+        [
+            str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+            f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env, check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run(["pkill", "-f", temp_dir], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
+    address, env = ray_head
+    ray = str(Path(sys.executable).parent / "ray")
+    submit = [
+        ray, "job", "submit", "--address", address, "--submission-id", "clvray-test",
+        "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}),
+        "--", "python", "jobs/pipeline.py", "--config", "configs/demo.yaml",
+        "--storage", str(tmp_path), "--run-id", "submitted",
+        "--set", "text.enabled=false", "--set", "data.synthetic.n_customers=300",
+        "--set", "features.num_partitions=2", "--set", "train.num_boost_round=30",
+    ]  # fmt: skip
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = subprocess.run(
+        [ray, "job", "status", "--address", address, "clvray-test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert re.search(r"Job 'clvray-test' succeeded", re.sub(r"\x1b\[[0-9;]*m", "", status.stdout))
+    metrics = json.loads((tmp_path / "submitted" / "metrics.json").read_text())
+    assert metrics["models"]["gbm_behavioural"]["value"]["n"] > 0
+    assert "run directory:" in done.stdout  # the job's own output streamed back
+
+
+def test_job_api_refuses_a_client_without_the_token(ray_head):
+    address, env = ray_head
+    ray = str(Path(sys.executable).parent / "ray")
+    no_token = {**env, "HOME": tempfile.mkdtemp(), "RAY_AUTH_MODE": "token"}
+    out = subprocess.run(
+        [ray, "job", "list", "--address", address],
+        env=no_token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
