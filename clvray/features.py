@@ -111,6 +111,7 @@ def customer_features(
     first line's time. Refunds are negative amounts. `frequency` is repeat orders
     (n_orders - 1) and `recency_days` the age at the last order, as in the BTYD literature.
     """
+    cutoff = as_utc(cutoff)
     horizon_end = cutoff + pd.Timedelta(days=horizon_days)
     ts = pd.to_datetime(events["ts"], utc=True)
     events = events.assign(ts=ts)
@@ -215,7 +216,13 @@ def resolve_cutoff(cfg: Config, storage: Storage, run_dir: str) -> pd.Timestamp:
     if cfg.features.cutoff is not None:
         return pd.Timestamp(cfg.features.cutoff, tz="UTC")
     end = read_parquet(join(run_dir, "ingest", "transactions"), storage, columns=["ts"]).max("ts")
-    return (pd.Timestamp(end) - pd.Timedelta(days=cfg.features.horizon_days)).normalize()
+    return (as_utc(end) - pd.Timedelta(days=cfg.features.horizon_days)).normalize()
+
+
+def as_utc(ts) -> pd.Timestamp:
+    """A timestamp in UTC; a naive one (Ray aggregates drop the zone) is taken as UTC."""
+    ts = pd.Timestamp(ts)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Timestamp):
