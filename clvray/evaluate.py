@@ -76,7 +76,15 @@ def btyd_predictions(train: pd.DataFrame, test: pd.DataFrame, horizon_days: int)
     }
 
 
-def evaluate(run, fused: dict, primary: str, cutoff: pd.Timestamp, counts: dict) -> dict:
+def evaluate(
+    run, fused: dict, primary: str, cutoff: pd.Timestamp, counts: dict
+) -> tuple[dict, pd.DataFrame]:
+    """Metrics of every model and baseline on the same test customers.
+
+    Returns the metrics dict (written to metrics.json) and the per-customer test frame
+    (`customer_id`, `future_value`, `churned`, `pred_value__<model>`, `pred_churn__<model>`)
+    that the report plots.
+    """
     cfg, storage = run.cfg, run.storage
     horizon = cfg.features.horizon_days
     customers = fused[next(iter(fused))]
@@ -104,23 +112,28 @@ def evaluate(run, fused: dict, primary: str, cutoff: pd.Timestamp, counts: dict)
     churned = base["churned"].to_numpy(int)
     out["population"]["evaluated_test_customers"] = len(base)
     out["population"]["test_churn_rate"] = float(churned.mean()) if len(churned) else None
+    frame = base[["customer_id", "future_value", "churned"]].copy()
+
+    def add(name: str, preds: dict[str, np.ndarray], **extra) -> None:
+        out["models"][name] = {**_model_metrics(y, churned, preds), **extra}
+        frame[f"pred_value__{name}"] = np.asarray(preds["future_value_pred"], dtype=float)
+        if "churn_prob" in preds:
+            frame[f"pred_churn__{name}"] = np.asarray(preds["churn_prob"], dtype=float)
 
     for variant, df in tests.items():
-        assert (df["customer_id"].to_numpy() == base["customer_id"].to_numpy()).all(), (
-            "test customers differ"
-        )
+        if not (df["customer_id"].to_numpy() == base["customer_id"].to_numpy()).all():
+            raise RuntimeError(f"{variant}: test customers differ from the behavioural set")
         boosters = Boosters(join(run.run_dir, "models", variant), storage)
-        out["models"][variant] = _model_metrics(y, churned, boosters.predict(df))
-        out["models"][variant]["feature_importance"] = boosters.importance()
+        add(variant, boosters.predict(df), feature_importance=boosters.importance())
 
-    out["models"]["heuristic"] = {
-        "value": metrics.value_metrics(
-            y,
-            baselines.heuristic_value(
+    add(
+        "heuristic",
+        {
+            "future_value_pred": baselines.heuristic_value(
                 base["total_value"].to_numpy(float), base["T_days"].to_numpy(float), horizon
-            ),
-        )
-    }
+            )
+        },
+    )
     train = customers.filter(expr="split == 'train'").select_columns(
         ["frequency", "recency_days", "T_days", "monetary", "monetary_repeat"]
     )
@@ -130,13 +143,16 @@ def evaluate(run, fused: dict, primary: str, cutoff: pd.Timestamp, counts: dict)
     try:
         btyd = btyd_predictions(train.to_pandas(), base, horizon)
         params = btyd.pop("params")
-        out["models"]["bgnbd_gamma_gamma"] = _model_metrics(y, churned, btyd)
-        out["models"]["bgnbd_gamma_gamma"]["params"] = params
+        add("bgnbd_gamma_gamma", btyd, params=params)
     except Exception as exc:  # a baseline that cannot be fitted is reported, not fatal
         out["models"]["bgnbd_gamma_gamma"] = {"error": f"{type(exc).__name__}: {exc}"}
 
     if cfg.data.source == "synthetic":
-        out["models"]["oracle"] = _oracle(run, base, cutoff, horizon, y)
+        add(
+            "oracle",
+            {"future_value_pred": _oracle(run, base, cutoff, horizon)},
+            note="latent rate, dropout, spend and alive state at cutoff",
+        )
     out["ablation"] = {
         name: {
             "normalized_gini": m["value"]["normalized_gini"],
@@ -146,10 +162,10 @@ def evaluate(run, fused: dict, primary: str, cutoff: pd.Timestamp, counts: dict)
         for name, m in out["models"].items()
         if name.startswith("gbm_")
     }
-    return out
+    return out, frame
 
 
-def _oracle(run, base: pd.DataFrame, cutoff: pd.Timestamp, horizon: int, y: np.ndarray) -> dict:
+def _oracle(run, base: pd.DataFrame, cutoff: pd.Timestamp, horizon: int) -> np.ndarray:
     """Expected future value from the generating process's latent state (the best possible)."""
     from clvray.synth import expected_future_value
 
@@ -164,8 +180,4 @@ def _oracle(run, base: pd.DataFrame, cutoff: pd.Timestamp, horizon: int, y: np.n
         .to_pandas()
     )
     truth = truth.set_index("customer_id").loc[base["customer_id"]].reset_index()
-    pred = expected_future_value(truth, cutoff, horizon)
-    return {
-        "value": metrics.value_metrics(y, pred),
-        "note": "latent rate, dropout, spend and alive state at cutoff",
-    }
+    return expected_future_value(truth, cutoff, horizon)

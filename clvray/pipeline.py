@@ -22,15 +22,16 @@ from clvray.config import Config
 from clvray.features import FEATURES, build_features, resolve_cutoff
 from clvray.ingest import ingest
 from clvray.io import read_parquet, write_parquet
+from clvray.report import write_report
 from clvray.score import fit_segment_edges, score_customers
 from clvray.storage import Storage, join
 from clvray.synth import generate
 from clvray.train import train_models
 
 log = logging.getLogger("clvray")
+REPORT_SAMPLE_ROWS = 2000
 
 BEHAVIOURAL = "gbm_behavioural"
-TEXT_PRETRAINED = "gbm_text_pretrained"
 TEXT_FINETUNED = "gbm_text_finetuned"
 
 
@@ -197,11 +198,38 @@ def run_pipeline(cfg: Config) -> dict:
         run.mark("scores", {"model": primary})
 
     with run.timed("evaluate"):
-        metrics = evaluation.evaluate(run, fused, primary, cutoff, counts)
+        metrics, test_frame = evaluation.evaluate(run, fused, primary, cutoff, counts)
     metrics["timings_s"] = run.timings
     metrics["skipped_stages"] = run.skipped
     storage.write_json(join(run_dir, "metrics.json"), metrics)
+    with run.timed("report"):
+        scores = read_parquet(join(run_dir, "scores"), storage)
+        segments = summarize_segments(scores)
+        sample = scores.random_sample(
+            min(1.0, REPORT_SAMPLE_ROWS / max(n_customers, 1)), seed=0
+        ).to_pandas()
+        metrics["report"] = write_report(metrics, sample, test_frame, segments, run_dir, storage)
+    storage.write_json(join(run_dir, "metrics.json"), metrics)
     return metrics
+
+
+def summarize_segments(scores) -> pd.DataFrame:
+    """Customers, share of predicted value and mean churn probability per value segment
+    (a Ray Data groupby: one row per segment reaches the driver)."""
+    from ray.data.aggregate import Count, Mean, Sum
+
+    agg = (
+        scores.groupby("value_segment")
+        .aggregate(
+            Count(alias_name="customers"),
+            Sum("future_value_pred", alias_name="value"),
+            Mean("churn_prob", alias_name="churn_rate"),
+        )
+        .to_pandas()
+    )
+    total = agg["value"].sum()
+    agg["share_of_predicted_value"] = agg["value"] / total if total else 0.0
+    return agg.sort_values("value_segment").reset_index(drop=True)
 
 
 def headline(metrics: dict) -> pd.DataFrame:

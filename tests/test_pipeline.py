@@ -57,6 +57,8 @@ def test_metrics_json_holds_every_model_and_the_counts(behavioural_run):
     tx = metrics["counts"]["transactions"]
     assert tx["rows_in"] == tx["rows_accepted"] + tx["rows_rejected"] > 0
     assert (run_dir / "config.yaml").exists()
+    html = (run_dir / "report" / "index.html").read_text()
+    assert 'id="gain-chart"' in html and "bgnbd_gamma_gamma" in html
 
 
 def test_scores_cover_every_customer_once(behavioural_run):
