@@ -1,0 +1,126 @@
+"""Results table for README.md: every model on every data set, from the pipeline's own metrics.
+
+    python bench/results.py [--datasets synthetic,amazon,online_retail] [--storage runs/bench]
+
+Runs `jobs/pipeline.py` once per data set (a separate process and Ray each), reads each run's
+metrics.json, writes `bench/results.md` and replaces the block between the `results` markers
+in README.md. Nothing here is typed by hand: rerun it to refresh the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "synthetic": "configs/demo.yaml",
+    "amazon": "configs/amazon.yaml",
+    "online_retail": "configs/online_retail.yaml",
+}
+MODELS = [
+    "heuristic",
+    "bgnbd_gamma_gamma",
+    "gbm_behavioural",
+    "gbm_text_pretrained",
+    "gbm_text_finetuned",
+    "oracle",
+]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
+
+
+def run_dataset(name: str, storage: str, extra: list[str]) -> dict:
+    cmd = [
+        sys.executable,
+        "jobs/pipeline.py",
+        "--config",
+        CONFIGS[name],
+        "--storage",
+        storage,
+        *extra,
+    ]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    run_dir = re.search(r"run directory: (\S+)", out.stdout).group(1)
+    return json.loads(Path(run_dir, "metrics.json").read_text())
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = [
+        "| data set | cutoff | horizon | test customers | model | normalized Gini | Spearman | decile MAPE | churn ROC-AUC | P10-P90 coverage |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in results.items():
+        for model in MODELS:
+            if model not in m["models"]:
+                continue
+            r = m["models"][model]
+            if "error" in r:
+                lines.append(f"| {name} | | | | {model} | failed: {r['error'][:60]} | | | | |")
+                continue
+            v, c = r.get("value", {}), r.get("churn", {})
+            lines.append(
+                f"| {name} | {m['cutoff'][:10]} | {m['horizon_days']} d | {m['population']['evaluated_test_customers']} | {model} "
+                f"| {_fmt(v.get('normalized_gini'))} | {_fmt(v.get('spearman'))} | {_fmt(v.get('decile_mape'))} "
+                f"| {_fmt(c.get('roc_auc'))} | {_fmt(r.get('interval_coverage'))} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--datasets", default="synthetic,amazon,online_retail")
+    p.add_argument("--storage", default="runs/bench")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    extra = [a for o in args.overrides for a in ("--set", o)]
+    results = {}
+    for name in args.datasets.split(","):
+        results[name] = run_dataset(name, args.storage, extra)
+        timings = results[name].get("timings_s", {})
+        print(f"{name}: done, stage seconds {timings}", flush=True)
+    body = (
+        f"Produced by `python bench/results.py` on {dt.date.today()}, {hardware()}. "
+        "Metrics on the test customers (stable hash split, 20%); value = net spend (Online Retail, "
+        "synthetic) or purchases (Amazon) in the horizon after the cutoff. `oracle` knows the "
+        "synthetic generator's latent state (the best possible).\n\n" + table(results) + "\n"
+    )
+    (REPO / "bench" / "results.md").write_text(body)
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        readme.write_text(head + START + "\n" + body + END + rest.split(END, 1)[1])
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
