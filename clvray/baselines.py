@@ -19,7 +19,7 @@ and the horizon `t` share it; only `alpha` depends on the unit.
 Cost: special functions of the (integer) frequency are evaluated once per distinct value, the
 rest is a few vectorised logs and exps per customer: about 150 ns per customer per evaluation,
 some 60 evaluations over three starts, so roughly 10 s and O(n) memory per 10^6 customers on
-one core; predictions are one pass. This runs on the driver: beyond a few million customers fit
+one core; predictions are one pass (about 2 us per customer, a short series included). This runs on the driver: beyond a few million customers fit
 on a sample, or pass `weights` with customers aggregated by a Ray groupby on (frequency,
 rounded recency, rounded T), which is all the likelihood depends on.
 """
@@ -225,6 +225,16 @@ def fit_bgnbd(
     `weights` (optional) counts customers per row, for fitting on aggregated summaries. Needs at
     least one customer with a repeat purchase: without one the dropout process is not
     identified. Warns (RuntimeWarning) when a parameter ends on its search bound.
+
+    Where the data show no spread in dropout probability between customers, the likelihood
+    keeps rising as a and b grow together (Beta(a, b) tends to a point mass at p = a/(a+b)),
+    ever more slowly, and the fit stops wherever the optimiser's tolerance is met, often with a
+    and b in the millions. That is a valid fit, not a failure: predictions then depend on a and
+    b only through a/(a+b), up to O(1/(a+b)), and `bgnbd_expected_purchases` and
+    `bgnbd_prob_alive` are evaluated stably for any a, b up to the search bound (e^20, about
+    5e8, where the bound warning fires). So a and b are deliberately not capped lower: a cap
+    would change predictions only by O(1/cap) and hide the signal that dropout looks
+    homogeneous.
     """
     x, tx, t_obs = _rft(frequency, recency, T)
     w = _weights(weights, x.size)
@@ -262,12 +272,16 @@ def bgnbd_prob_alive(
     return np.where(x > 0, np.exp(-np.logaddexp(0.0, log_odds_dead)), 1.0)
 
 
-def _hyp2f1_series(
+def _log_hyp2f1_series(
     A: np.ndarray, B: np.ndarray, C: np.ndarray, z: np.ndarray, max_terms: int = 100_000
-) -> np.ndarray:
-    """Gauss's series sum_k (A)_k (B)_k / ((C)_k k!) z^k, summed until the tail is < 1e-16."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log |S|, sign S) of Gauss's series S = sum_k (A)_k (B)_k / ((C)_k k!) z^k, summed until
+    the tail is < 1e-16 of the sum. The partial sums are rescaled as they grow, so the log is
+    finite even where S itself overflows float64. NaN where the series has not converged after
+    `max_terms` terms."""
     total = np.ones_like(z)
     term = np.ones_like(z)
+    log_scale = np.zeros_like(z)
     todo = np.arange(z.size)
     for k in range(max_terms):
         if todo.size == 0:
@@ -275,29 +289,115 @@ def _hyp2f1_series(
         ratio = (A[todo] + k) * (B[todo] + k) / ((C[todo] + k) * (k + 1.0)) * z[todo]
         term[todo] *= ratio
         total[todo] += term[todo]
+        big = np.abs(total[todo]) > 1e200
+        if np.any(big):
+            rows = todo[big]
+            factor = np.abs(total[rows])
+            total[rows] /= factor
+            term[rows] /= factor
+            log_scale[rows] += np.log(factor)
         # Once the terms shrink, the ratios tend to z; the tail is below term * q / (1 - q).
         q = np.maximum(np.abs(ratio), z[todo])
         done = (q < 1.0) & (np.abs(term[todo]) * q <= 1e-16 * (1.0 - q) * np.abs(total[todo]))
         todo = todo[~done]
     total[todo] = math.nan
+    with np.errstate(divide="ignore"):
+        return np.log(np.abs(total)) + log_scale, np.where(total < 0, -1.0, 1.0)
+
+
+def _log_hyp2f1(
+    A: ArrayLike, B: ArrayLike, C: ArrayLike, z: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log |F|, sign F) of F = 2F1(A, B; C; z) for 0 <= z < 1, accurate where scipy's alone is
+    not.
+
+    `scipy.special.hyp2f1` returns inf or NaN once C - A - B is large (about 100 and up) and z is
+    near 1 (0.97 and up), which here means heavy buyers or a large `a` (C - A - B is
+    x + r - a + 1 or a - 1 - x - r, see `bgnbd_expected_purchases`) over long horizons. There
+    the series converges in a few hundred terms, because its terms fall like k^-(C-A-B) z^k, so
+    it is summed directly, in rescaled form: 2F1 itself may exceed float64 there. Elsewhere
+    scipy is used, and the series where scipy gives inf or NaN. Checked against mpmath to 1e-9
+    over wide grids in the tests.
+    """
+    A, B, C, z = (np.asarray(v, dtype=np.float64) for v in np.broadcast_arrays(A, B, C, z))
+    log_abs = np.full(z.shape, math.nan)
+    sign = np.ones(z.shape)
+    series = (C - A - B) >= 30.0
+    direct = np.flatnonzero(~series)
+    if direct.size:
+        with np.errstate(over="ignore", invalid="ignore"):
+            val = np.asarray(hyp2f1(A[direct], B[direct], C[direct], z[direct]), np.float64)
+        ok = np.isfinite(val)
+        with np.errstate(divide="ignore"):
+            log_abs[direct[ok]] = np.log(np.abs(val[ok]))
+        sign[direct[ok]] = np.where(val[ok] < 0, -1.0, 1.0)
+        series[direct[~ok]] = True
+    if np.any(series):
+        log_abs[series], sign[series] = _log_hyp2f1_series(
+            A[series], B[series], C[series], z[series]
+        )
+    return log_abs, sign
+
+
+def _bgnbd_alive_purchases_by_sum(
+    s: np.ndarray, a: float, B: np.ndarray, z: np.ndarray, max_terms: int = 2000
+) -> np.ndarray:
+    """E[purchases in the horizon | alive at T] as a sum of positive terms, sum_k P(N=k) W_k.
+
+    N ~ NBD: P(N=k) = (s)_k / k! (1-z)^s z^k, the purchases in the horizon of a customer who
+    never dropped out (Poisson given lambda ~ Gamma(s = r+x, alpha+T)); W_k = sum_{j<k} (B)_j /
+    (a+B)_j, the expected number of those k made before dropping out, as purchase j+1 happens
+    with chance E[(1-p)^j] under the posterior p ~ Beta(a, B = b+x). No 1/(a-1) and no
+    cancellation, so it is accurate exactly where eq. 10 is not (short horizons with a close to
+    1 or b >> a), and there it converges fast. NaN where it has not converged in `max_terms`
+    terms; terms are summed until the tail is < 1e-16 of the sum.
+    """
+    prob = np.exp(s * np.log1p(-z))  # P(N = 0); callers keep it far from underflow
+    w = np.ones_like(z)  # (B)_k / (a+B)_k
+    cum_w = np.zeros_like(z)  # W_k
+    total = np.zeros_like(z)
+    todo = np.arange(z.size)
+    for k in range(max_terms):
+        if todo.size == 0:
+            break
+        # Move from k to k+1 and add P(N=k+1) W_(k+1).
+        prob[todo] *= (s[todo] + k) * z[todo] / (k + 1.0)
+        cum_w[todo] += w[todo]
+        w[todo] *= (B[todo] + k) / (a + B[todo] + k)
+        term = prob[todo] * cum_w[todo]
+        total[todo] += term
+        # w falls with k, so W_(j+1) / W_j <= (j+1) / j and the terms' ratio is at most
+        # q = (s+j) z / j, which falls with j: past the mode the tail is below term q / (1-q).
+        q = (s[todo] + k + 1.0) * z[todo] / (k + 1.0)
+        done = (q < 1.0) & (term * q <= 1e-16 * (1.0 - q) * total[todo])
+        todo = todo[~done]
+    total[todo] = math.nan
     return total
 
 
-def _hyp2f1(A: ArrayLike, B: ArrayLike, C: ArrayLike, z: ArrayLike) -> np.ndarray:
-    """2F1(A, B; C; z) for 0 <= z < 1, accurate where scipy's alone is not.
-
-    `scipy.special.hyp2f1` returns inf or NaN once C - A - B is large (about 100 and up) and z is
-    near 1 (0.97 and up), which here means heavy buyers (C - A - B = x + r - a + 1) over long
-    horizons. There the series converges in a few hundred terms, because its terms fall like
-    k^-(C-A-B) z^k, so it is summed directly; elsewhere scipy is used (checked against mpmath to
-    1e-9 over a wide grid in the tests).
-    """
-    A, B, C, z = (np.asarray(v, dtype=np.float64) for v in np.broadcast_arrays(A, B, C, z))
-    out = np.asarray(hyp2f1(A, B, C, z), dtype=np.float64).copy()
-    series = (C - A - B) >= 30.0
-    if np.any(series):
-        out[series] = _hyp2f1_series(A[series], B[series], C[series], z[series])
-    return out
+def _bgnbd_alive_purchases_eq10(
+    r: float, a: float, b: float, x: np.ndarray, z: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """E[purchases in the horizon | alive at T] by FHL's eq. 10, and its bracket (see
+    `bgnbd_expected_purchases`). Needs a != 1."""
+    s = r + x
+    log_1mz = np.log1p(-z)
+    # tail = (1-z)^(r+x) 2F1(r+x, b+x; a+b+x-1; z) as (log |tail|, sign), in the form whose
+    # 2F1 stays bounded. (Negative only where a + b + x < 1.)
+    log_tail = np.empty(z.shape)
+    sign = np.empty(z.shape)
+    printed = a - 1.0 > s
+    euler = ~printed
+    if np.any(printed):
+        xp = x[printed]
+        log_f, sign[printed] = _log_hyp2f1(r + xp, b + xp, a + b + xp - 1.0, z[printed])
+        log_tail[printed] = (r + xp) * log_1mz[printed] + log_f
+    if np.any(euler):
+        xe = x[euler]
+        log_f, sign[euler] = _log_hyp2f1(a + b - 1.0 - r, a - 1.0, a + b + xe - 1.0, z[euler])
+        log_tail[euler] = (a - 1.0) * log_1mz[euler] + log_f
+    bracket = np.where(sign > 0, -np.expm1(log_tail), 1.0 + np.exp(log_tail))
+    return (a + b + x - 1.0) / (a - 1.0) * bracket, bracket
 
 
 def bgnbd_expected_purchases(
@@ -309,25 +409,50 @@ def bgnbd_expected_purchases(
 ) -> np.ndarray:
     """Expected number of purchases in (T, T + t] given (x, t_x, T): FHL 2005, eq. 10.
 
-        E[Y(t)] = (a+b+x-1)/(a-1) [1 - ((alpha+T)/(alpha+T+t))^(r+x)
-                  2F1(r+x, b+x; a+b+x-1; z)] * P(alive),     z = t / (alpha+T+t)
+        E[Y(t)] = (a+b+x-1)/(a-1) [1 - (1-z)^(r+x) 2F1(r+x, b+x; a+b+x-1; z)] * P(alive),
+        z = t / (alpha+T+t)
 
-    evaluated after Euler's transformation 2F1(A, B; C; z) = (1-z)^(C-A-B) 2F1(C-A, C-B; C; z),
-    which turns the bracket into 1 - (1-z)^(a-1) 2F1(a+b-1-r, a-1; a+b+x-1; z): the huge 2F1 and
-    the tiny power of the original no longer multiply each other for customers with many
-    purchases or long horizons. `t` is a scalar or one value per customer. At a = 1 exactly the
-    formula is 0/0; a is nudged by 1e-7 there.
+    The term after the 1 in the bracket is evaluated in log space, by whichever of two equal
+    forms has a bounded 2F1 (C - A - B >= 0, so the series converges up to z = 1): as printed
+    when a - 1 > r + x, else after Euler's transformation 2F1(A, B; C; z) = (1-z)^(C-A-B)
+    2F1(C-A, C-B; C; z), i.e. (1-z)^(a-1) 2F1(a+b-1-r, a-1; a+b+x-1; z). Either way a huge 2F1
+    and a tiny power never multiply each other: the printed form overflows for heavy buyers
+    over long horizons, the transformed one once a is large (fits with a and b in the millions,
+    where every customer has about the same dropout probability a / (a+b), gave 0 * inf).
+
+    Where the bracket is small (|bracket| < 0.1) it is a difference of nearly equal numbers,
+    divided by a - 1: short horizons with b >> a, or a near 1, lose digits (all of them at
+    a = 1, where eq. 10 is 0/0). Those customers are summed directly instead, with
+    `_bgnbd_alive_purchases_by_sum`, when that converges within its term budget. Within 1e-5
+    of a = 1 that is tried for every customer, and where the sum is too long eq. 10 stands in
+    as the mean of its values at a -+ 2e-5 (eq. 10 is smooth in a; about 1e-9 relative
+    error). `t` is a scalar or one value per customer.
     """
     x, tx, t_obs = _rft(frequency, recency, T)
     horizon = np.asarray(t, dtype=np.float64)
     if np.any(horizon < 0) or not np.all(np.isfinite(horizon)):
         raise ValueError("t (the horizon) must be finite and non-negative")
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
-    if abs(a - 1.0) < 1e-7:
-        a = 1.0 + 1e-7
     z = horizon / (alpha + t_obs + horizon)
-    bracket = 1.0 - (1.0 - z) ** (a - 1.0) * _hyp2f1(a + b - 1.0 - r, a - 1.0, a + b + x - 1.0, z)
-    return (a + b + x - 1.0) / (a - 1.0) * bracket * bgnbd_prob_alive(params, x, tx, t_obs)
+    x_z, z = np.broadcast_arrays(x, z)
+    near_one = abs(a - 1.0) < 1e-5
+    if near_one:
+        below, _ = _bgnbd_alive_purchases_eq10(r, a - 2e-5, b, x_z, z)
+        above, _ = _bgnbd_alive_purchases_eq10(r, a + 2e-5, b, x_z, z)
+        alive_purchases = 0.5 * (below + above)
+        cancels = np.ones(z.shape, dtype=bool)
+    else:
+        alive_purchases, bracket = _bgnbd_alive_purchases_eq10(r, a, b, x_z, z)
+        cancels = ~(np.abs(bracket) >= 0.1)
+    # Sum directly where eq. 10 cancels, unless P(N = 0) = (1-z)^(r+x) is near underflow (then
+    # N is large and the sum long).
+    s = r + x_z
+    redo = np.flatnonzero(cancels & (s * np.log1p(-z) > -600.0))
+    if redo.size:
+        by_sum = _bgnbd_alive_purchases_by_sum(s[redo], a, b + x_z[redo], z[redo])
+        ok = np.isfinite(by_sum)
+        alive_purchases[redo[ok]] = by_sum[ok]
+    return alive_purchases * bgnbd_prob_alive(params, x, tx, t_obs)
 
 
 # --- Gamma-Gamma -----------------------------------------------------------------------------

@@ -161,6 +161,13 @@ class ScoreSection(_Strict):
     top_contributions: int = Field(3, ge=0)
 
 
+class TrackingSection(_Strict):
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (`http://host:5000`, `databricks`, ...); None: no MLflow run. A
+    `file://` store also needs `MLFLOW_ALLOW_FILE_STORE=true` with MLflow 3."""
+    experiment: str = "clvray"
+
+
 class Config(_Strict):
     run: RunSection = RunSection()
     s3: S3Section = S3Section()
@@ -171,10 +178,13 @@ class Config(_Strict):
     text: TextSection = TextSection()
     train: TrainSection = TrainSection()
     score: ScoreSection = ScoreSection()
+    tracking: TrackingSection = TrackingSection()
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they go or which Ray runs them)."""
-        payload = self.model_dump(mode="json", exclude={"run": {"storage", "run_id"}, "ray": True})
+        payload = self.model_dump(
+            mode="json", exclude={"run": {"storage", "run_id"}, "ray": True, "tracking": True}
+        )
         text = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

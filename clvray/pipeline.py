@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from clvray import evaluate as evaluation
+from clvray import observability
 from clvray.config import Config
 from clvray.features import FEATURES, build_features, resolve_cutoff
 from clvray.ingest import ingest
@@ -85,6 +86,7 @@ class Run:
         log.info("stage %s: start", stage)
         yield
         self.timings[stage] = round(time.perf_counter() - start, 2)
+        observability.record_stage(stage, self.timings[stage])
         log.info("stage %s: %.1fs", stage, self.timings[stage])
 
 
@@ -140,6 +142,7 @@ def run_pipeline(cfg: Config) -> dict:
     else:
         with run.timed("ingest"):
             counts = ingest(cfg, storage, run_dir)
+            observability.record_counts(counts)
         run.mark("ingest", {"counts": counts})
     counts = run.info("ingest")["counts"]
 
@@ -210,6 +213,8 @@ def run_pipeline(cfg: Config) -> dict:
         ).to_pandas()
         metrics["report"] = write_report(metrics, sample, test_frame, segments, run_dir, storage)
     storage.write_json(join(run_dir, "metrics.json"), metrics)
+    if cfg.tracking.mlflow_uri:
+        observability.log_to_mlflow(run_dir, cfg, metrics, storage, cfg.tracking.mlflow_uri)
     return metrics
 
 

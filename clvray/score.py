@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from clvray import observability
 from clvray.config import ScoreSection
 from clvray.io import write_parquet
 from clvray.storage import Storage, join
@@ -74,6 +75,9 @@ class Scorer:
                 contribs, self.boosters.features, self.top_k
             ).items():
                 out[name] = values
+        observability.record(
+            "customers_scored", len(out), {"variant": self.boosters.meta["variant"]}
+        )
         return out
 
 

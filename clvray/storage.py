@@ -34,9 +34,7 @@ class Storage:
             parsed = urlparse(uri)
             kwargs: dict[str, Any] = {}
             if self.endpoint_url:
-                ep = urlparse(self.endpoint_url)
-                kwargs["endpoint_override"] = ep.netloc or ep.path
-                kwargs["scheme"] = ep.scheme or "https"
+                kwargs.update(_endpoint(self.endpoint_url))
             region = (
                 self.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
             )
@@ -110,6 +108,20 @@ class Storage:
         pafs.copy_files(
             path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
         )
+
+
+def _endpoint(endpoint_url: str) -> dict[str, str]:
+    """pyarrow's `endpoint_override` (host[:port]) and `scheme` from an endpoint URL.
+
+    Without `scheme://`, urlparse reads `minio:9000` as scheme `minio`, path `9000`; such an
+    endpoint is taken as host:port over https instead.
+    """
+    if "://" not in endpoint_url:
+        return {"endpoint_override": endpoint_url.rstrip("/"), "scheme": "https"}
+    ep = urlparse(endpoint_url)
+    if ep.scheme not in ("http", "https") or not ep.netloc:
+        raise ValueError(f"s3.endpoint_url {endpoint_url!r}: expected http(s)://host[:port]")
+    return {"endpoint_override": ep.netloc, "scheme": ep.scheme}
 
 
 def join(uri: str, *parts: str) -> str:

@@ -4,6 +4,7 @@ parameter recovery on customers simulated from known parameters."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -197,18 +198,21 @@ def _bgnbd_by_posterior(params: BGNBDParams, x: int, tx: float, t_obs: float, t:
 
     Alive at T, the likelihood (1-p)^x lambda^x e^(-lambda T) makes lambda ~ Gamma(r+x, rate
     alpha+T) and p ~ Beta(a, b+x) independent; averaging (1 - e^(-lambda p t)) / p over lambda
-    in closed form leaves (1 - (1 + p t / (alpha+T))^-(r+x)) / p to average over p.
+    in closed form leaves (1 - (1 + p t / (alpha+T))^-(r+x)) / p to average over p. The
+    integral runs over the Beta's mean +- 50 standard deviations (clipped to [0, 1]), so that
+    it finds the mass when a and b are huge and the Beta is a spike.
     """
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
     u = t / (alpha + t_obs)
+    mean_p = a / (a + b + x)
+    sd_p = math.sqrt(mean_p * (1.0 - mean_p) / (a + b + x + 1.0))
+    lo, hi = max(0.0, mean_p - 50.0 * sd_p), min(1.0, mean_p + 50.0 * sd_p)
 
     def g(p: float) -> float:
         p = max(p, 1e-300)
         return -math.expm1(-(r + x) * math.log1p(p * u)) / p * stats.beta.pdf(p, a, b + x)
 
-    mean, _ = integrate.quad(
-        g, 0.0, 1.0, epsabs=0.0, epsrel=1e-11, limit=500, points=[a / (a + b + x)]
-    )
+    mean, _ = integrate.quad(g, lo, hi, epsabs=0.0, epsrel=1e-11, limit=1000, points=[mean_p])
     return mean * baselines.bgnbd_prob_alive(params, [x], [tx], [t_obs])[0]
 
 
@@ -232,6 +236,94 @@ def test_bgnbd_expected_purchases_behaves_at_extremes():
     assert near[1] == pytest.approx((near[0] + near[2]) / 2, rel=1e-4)
 
 
+# A fit that ended with a and b in the millions: Beta(a, b) is nearly a point mass, so every
+# customer drops out after a purchase with about the same chance a / (a+b) = 0.145. Eq. 10 gave
+# NaN for every customer here ((1-z)^(a-1) underflowed to 0, its 2F1 overflowed to inf).
+HUGE_AB = BGNBDParams(
+    r=0.6272262747384251, alpha=3.455203323773967, a=2372514.9091632417, b=13935046.925549459
+)
+HUGE_AB_X = np.array([5.0, 5.0, 11.0, 0.0, 1.0])
+HUGE_AB_TX = np.array([276.9, 272.7, 448.1, 0.0, 35.7]) / 7
+HUGE_AB_T = np.array([373.1, 566.6, 526.6, 204.6, 470.6]) / 7
+HUGE_AB_HORIZON = 90 / 7
+
+
+def _huge_ab_predictions(params: BGNBDParams) -> tuple[np.ndarray, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow / invalid-value warnings either
+        expected = baselines.bgnbd_expected_purchases(
+            params, HUGE_AB_X, HUGE_AB_TX, HUGE_AB_T, HUGE_AB_HORIZON
+        )
+        alive = baselines.bgnbd_prob_alive(params, HUGE_AB_X, HUGE_AB_TX, HUGE_AB_T)
+    return expected, alive
+
+
+def test_bgnbd_predictions_with_huge_a_and_b_match_the_posterior_integral():
+    expected, alive = _huge_ab_predictions(HUGE_AB)
+    assert np.all(np.isfinite(expected)) and np.all(expected > 0)
+    assert np.all((alive > 0) & (alive <= 1)) and alive[3] == 1.0
+    reference = [
+        _bgnbd_by_posterior(HUGE_AB, int(x), tx, t_obs, HUGE_AB_HORIZON)
+        for x, tx, t_obs in zip(HUGE_AB_X, HUGE_AB_TX, HUGE_AB_T, strict=True)
+    ]
+    np.testing.assert_allclose(expected, reference, rtol=1e-8)
+
+
+def test_bgnbd_predictions_with_huge_a_and_b_converge_to_the_common_dropout_limit():
+    r, alpha, a, b = HUGE_AB.r, HUGE_AB.alpha, HUGE_AB.a, HUGE_AB.b
+    expected, alive = _huge_ab_predictions(HUGE_AB)
+    # The same a / (a+b) with a and b 10, 100, 1000 times smaller approaches these values as
+    # O(1 / (a+b)); the smallest is also checked against the quadrature.
+    gaps = []
+    for scale in (1000.0, 100.0, 10.0):
+        smaller = BGNBDParams(r=r, alpha=alpha, a=a / scale, b=b / scale)
+        got, got_alive = _huge_ab_predictions(smaller)
+        if scale == 1000.0:
+            x, tx, t_obs = HUGE_AB_X[0], HUGE_AB_TX[0], HUGE_AB_T[0]
+            assert got[0] == pytest.approx(
+                _bgnbd_by_posterior(smaller, int(x), tx, t_obs, HUGE_AB_HORIZON), rel=1e-8
+            )
+        gaps.append(max(np.max(np.abs(got / expected - 1)), np.max(np.abs(got_alive / alive - 1))))
+    assert gaps[0] < 1e-2 and gaps[1] < gaps[0] / 8 and gaps[2] < gaps[1] / 8, gaps
+    # The limit itself, a common dropout probability p = a/(a+b): dropping out is then
+    # independent of the purchase rate's posterior, so P(alive) = 1 / (1 + p/(1-p)
+    # ((alpha+T)/(alpha+t_x))^(r+x)) for x > 0, and an alive customer makes
+    # E[(1 - e^(-lambda p t)) / p] = (1 - (1 + p t/(alpha+T))^-(r+x)) / p purchases.
+    p = a / (a + b)
+    x, tx, t_obs, t = HUGE_AB_X, HUGE_AB_TX, HUGE_AB_T, HUGE_AB_HORIZON
+    odds_dead = np.where(x > 0, p / (1 - p) * ((alpha + t_obs) / (alpha + tx)) ** (r + x), 0.0)
+    limit_alive = 1 / (1 + odds_dead)
+    limit_expected = (1 - (1 + p * t / (alpha + t_obs)) ** -(r + x)) / p * limit_alive
+    np.testing.assert_allclose(alive, limit_alive, rtol=1e-5)
+    np.testing.assert_allclose(expected, limit_expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (2e6, 1.2e7),  # huge a and b, a / (a+b) moderate
+        (4.8e8, 2.4e8),  # at the search bound e^20
+        (300.0, 60.0),  # a - 1 > r + x: eq. 10 as printed, not Euler-transformed
+        (0.7, 3e7),  # b >> a: nearly nobody drops out
+        (25.0, 4e8),
+        (1.0, 4.0),  # eq. 10 is 0/0 at a = 1 exactly
+        (1.0 + 3e-8, 4.0),
+    ],
+)
+def test_bgnbd_expected_purchases_matches_posterior_integral_across_a_and_b(a, b):
+    params = BGNBDParams(r=0.8, alpha=12.0, a=a, b=b)
+    cases = [(0, 0.0, 200.0), (2, 40.0, 300.0), (12, 290.0, 300.0), (60, 150.0, 160.0)]
+    for t in (0.5, 30.0, 365.0, 5000.0):
+        x = np.array([c[0] for c in cases], float)
+        tx = np.array([c[1] for c in cases])
+        t_obs = np.array([c[2] for c in cases])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = baselines.bgnbd_expected_purchases(params, x, tx, t_obs, t)
+        want = [_bgnbd_by_posterior(params, *c, t) for c in cases]
+        np.testing.assert_allclose(got, want, rtol=1e-8, err_msg=f"t = {t}")
+
+
 def test_hyp2f1_matches_mpmath():
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.dps = 30
@@ -244,9 +336,29 @@ def test_hyp2f1_matches_mpmath():
     x = rng.choice([0, 1, 2, 5, 10, 30, 60, 100, 300, 1000, 5000], n)
     z = np.where(rng.random(n) < 0.5, rng.uniform(0, 0.9, n), 1 - 10 ** rng.uniform(-4, -1, n))
     A, B, C = a + b - 1 - r, a - 1, a + b + x - 1
-    got = baselines._hyp2f1(A, B, C, z)
+    log_abs, sign = baselines._log_hyp2f1(A, B, C, z)
+    got = sign * np.exp(log_abs)
     ref = np.array([float(mpmath.hyp2f1(*args)) for args in zip(A, B, C, z, strict=True)])
     np.testing.assert_allclose(got, ref, rtol=1e-9)
+
+    # Eq. 10's arguments as printed, A = r+x, B = b+x, C = a+b+x-1, which are used where
+    # a - 1 > r + x: a up to the search bound, a / (a+b) anywhere. 2F1 runs past float64 for
+    # heavy buyers (to about 1e434 here), so it is compared in logs. z <= 0.8, where mpmath's own
+    # evaluation stays fast with parameters this large.
+    n = 150
+    a = np.exp(rng.uniform(np.log(2), np.log(5e8), n))
+    p_drop = np.exp(rng.uniform(np.log(1e-4), np.log(0.99), n))
+    b = a * (1 - p_drop) / p_drop
+    r = np.exp(rng.uniform(np.log(0.05), np.log(5), n))
+    x = rng.choice([0, 1, 2, 5, 10, 30, 100, 300, 1000], n)
+    z = rng.uniform(0, 0.8, n)
+    keep = a - 1 > r + x
+    A, B, C, z = (r + x)[keep], (b + x)[keep], (a + b + x - 1)[keep], z[keep]
+    log_abs, sign = baselines._log_hyp2f1(A, B, C, z)
+    ref = [mpmath.hyp2f1(*map(mpmath.mpf, args)) for args in zip(A, B, C, z, strict=True)]
+    assert np.all(sign == 1.0) and all(v > 0 for v in ref)
+    assert max(float(mpmath.log10(v)) for v in ref) > 308  # some do overflow float64
+    np.testing.assert_allclose(log_abs, [float(mpmath.log(v)) for v in ref], rtol=0, atol=1e-9)
 
 
 def test_gamma_gamma_expected_spend_is_the_posterior_mean():
