@@ -34,6 +34,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster someone else started on this machine
             num_cpus=2,
             object_store_memory=400 * 1024**2,
             include_dashboard=False,

@@ -74,9 +74,13 @@ def main(workdir: str, encoder: str, remove_node: bool) -> dict:
         return batch.assign(node_id=ray.get_runtime_context().get_node_id())
 
     # Which nodes ran the tasks over the ingested transactions (one read task per file).
+    def slow_tag(batch: pd.DataFrame) -> pd.DataFrame:
+        time.sleep(1.0)  # hold the CPU long enough that queued tasks need the other node
+        return tag_node(batch)
+
     ingest_nodes = (
         ray.data.read_parquet(join(run_dir, "ingest", "transactions"), override_num_blocks=8)
-        .map_batches(tag_node, batch_format="pandas", scheduling_strategy="SPREAD")
+        .map_batches(slow_tag, batch_format="pandas", num_cpus=1)
         .unique("node_id")
     )
     reviews = read_parquet(join(run_dir, "ingest", "reviews"), storage)

@@ -1,0 +1,151 @@
+"""Review embeddings with Ray Data: CPU tokenization tasks feeding an actor pool of encoders.
+
+Tokenization runs in plain CPU tasks ahead of the encoder actors, so GPU actors never wait on
+Python string work, and each tokenization block is sorted by length so the encoder batches cut
+from it carry little padding. (On a CPU-only pool Ray fuses the tokenization into the actors,
+whose resources then match: one object-store hop less; with `num_gpus_per_actor > 0` the two
+stay separate operators.) The encoder is loaded once per actor (`ReviewEncoder.__init__`) and
+runs under `torch.inference_mode()`, its weights in bf16 on GPUs that support it.
+
+Output rows (one per input review before the cutoff, none dropped or duplicated):
+
+| column | type |
+|---|---|
+| customer_id, review_id | string |
+| ts | timestamp[us, UTC] |
+| embedding | fixed_size_list<float32 or float16>[hidden] (`embed.dtype`), mean of the token vectors |
+| score | float32: the head's prediction (fine-tuned model: predicted rating on the 1..5 scale, or churn probability, as the model's `clvray_text.json` says); null for a pretrained encoder without a head |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from clvray.config import TextSection
+from clvray.contract import TS
+from clvray.storage import Storage
+from clvray.text.encoder import LoadedTextModel, load_text_model, pad_batch, pick_device, pick_dtype
+from clvray.text.partition import as_utc, before_cutoff, require_columns
+from clvray.text.source import resolve_model_path
+from clvray.text.tokens import tokenize_reviews
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+REVIEW_COLUMNS = ["customer_id", "review_id", "ts", "text"]
+
+
+class ReviewEncoder:
+    """Callable class for `map_batches` on an actor pool: tokenized reviews in, embeddings out.
+
+    `loader` turns a resolved model path into a `LoadedTextModel`; it is the seam through which
+    a test hands the actor a tiny model (and counts how often it is called).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        storage: Storage | None = None,
+        use_gpu: bool = False,
+        dtype: str = "float32",
+        loader: Callable[[str], LoadedTextModel] = load_text_model,
+    ) -> None:
+        self.loaded = loader(resolve_model_path(model, storage))
+        self.device = pick_device(use_gpu)
+        encoder = self.loaded.model.encoder
+        # Inference needs no fp32 master weights: the encoder runs in bf16 outright on GPUs
+        # that support it; pooling and the head stay float32.
+        encoder.to(device=self.device, dtype=pick_dtype(self.device))
+        if self.loaded.model.head is not None:
+            self.loaded.model.head.to(self.device)
+        self.loaded.model.eval()
+        self.pad_id = int(getattr(self.loaded.tokenizer, "pad_token_id", None) or 0)
+        self.out_type = pa.float16() if dtype == "float16" else pa.float32()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, mask = pad_batch(batch["input_ids"], self.pad_id)
+        with torch.inference_mode():
+            pooled, raw = self.loaded.model(ids.to(self.device), mask.to(self.device))
+            score = (
+                self.loaded.head.to_score(raw.float())
+                if raw is not None and self.loaded.head
+                else None
+            )
+        emb = pooled.float().cpu().numpy()
+        hidden = emb.shape[1]
+        values = pa.array(
+            emb.reshape(-1).astype(self.out_type.to_pandas_dtype()), type=self.out_type
+        )
+        if score is not None:
+            scores = pa.array(score.cpu().numpy().astype(np.float32), type=pa.float32())
+        else:
+            scores = pa.nulls(len(emb), type=pa.float32())  # no head: nothing to predict
+        return pa.table(
+            {
+                "customer_id": pc.cast(batch["customer_id"], pa.string()),
+                "review_id": pc.cast(batch["review_id"], pa.string()),
+                "ts": pc.cast(batch["ts"], TS),
+                "embedding": pa.FixedSizeListArray.from_arrays(values, hidden),
+                "score": scores,
+            }
+        )
+
+
+def embed_reviews(
+    reviews_ds: Dataset,
+    model_path: str,
+    cfg: TextSection,
+    cutoff: Any = None,
+    storage: Storage | None = None,
+    loader: Callable[[str], LoadedTextModel] | None = None,
+) -> Dataset:
+    """Embed every review of `reviews_ds` (with `cutoff`, only those with `ts < cutoff`).
+
+    `model_path` is a model spec (`resolve_model_path`): a fine-tuned model's URI or a
+    pretrained one. Lazy: nothing runs until the result is consumed or written. Cost: one
+    streaming pass; tokenization on `cpus` tasks, encoding on `embed.min_actors` to
+    `embed.max_actors` actors with `embed.num_gpus_per_actor` GPUs each.
+    """
+    import ray.data
+
+    emb = cfg.embed
+    require_columns(reviews_ds, REVIEW_COLUMNS, "reviews")
+    ds = reviews_ds.select_columns(REVIEW_COLUMNS)
+    if cutoff is not None:
+        ds = ds.map_batches(
+            before_cutoff, fn_kwargs={"cutoff": as_utc(cutoff)}, batch_format="pyarrow"
+        )
+    tokenized = ds.map_batches(
+        tokenize_reviews,
+        fn_kwargs={
+            "model": model_path,
+            "storage": storage,
+            "max_length_tokens": cfg.max_length_tokens,
+        },
+        batch_size=emb.tokenize_batch_size,
+        batch_format="pyarrow",
+    )
+    use_gpu = emb.num_gpus_per_actor > 0
+    return tokenized.map_batches(
+        ReviewEncoder,
+        fn_constructor_kwargs={
+            "model": model_path,
+            "storage": storage,
+            "use_gpu": use_gpu,
+            "dtype": emb.dtype,
+            "loader": loader or load_text_model,
+        },
+        compute=ray.data.ActorPoolStrategy(
+            min_size=emb.min_actors, max_size=max(emb.max_actors, emb.min_actors)
+        ),
+        num_gpus=emb.num_gpus_per_actor if use_gpu else None,
+        num_cpus=emb.cpus_per_actor,
+        batch_size=emb.batch_size,
+        batch_format="pyarrow",
+    )
