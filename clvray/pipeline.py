@@ -90,6 +90,26 @@ class Run:
         log.info("stage %s: %.1fs", stage, self.timings[stage])
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute on the driver: Ray workers run in other directories."""
+
+    def fix(path: str | None) -> str | None:
+        if path is None or "://" in path or path.startswith("packaged:"):
+            return path
+        return (
+            os.path.abspath(path)
+            if os.path.isabs(path) or os.path.exists(path) or path == cfg.run.storage
+            else path
+        )
+
+    data = cfg.data.model_copy(
+        update={k: fix(getattr(cfg.data, k)) for k in ("transactions", "reviews", "customers")}
+    )
+    text = cfg.text.model_copy(update={"model": fix(cfg.text.model)})
+    run = cfg.run.model_copy(update={"storage": fix(cfg.run.storage)})
+    return cfg.model_copy(update={"data": data, "text": text, "run": run})
+
+
 def prepare_run(cfg: Config) -> Run:
     storage = Storage(cfg.s3.endpoint_url, cfg.s3.region)
     fingerprint = cfg.fingerprint()
@@ -132,7 +152,7 @@ def run_pipeline(cfg: Config) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = (
         os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
     )
-    run = prepare_run(cfg)
+    run = prepare_run(absolute_paths(cfg))
     cfg = _ensure_synthetic(run)
     run.cfg = cfg
     storage, run_dir = run.storage, run.run_dir
