@@ -79,7 +79,8 @@ def main(workdir: str, encoder: str, remove_node: bool) -> dict:
         return tag_node(batch)
 
     ingest_nodes = (
-        ray.data.read_parquet(join(run_dir, "ingest", "transactions"), override_num_blocks=8)
+        ray.data.read_parquet(join(run_dir, "ingest", "transactions"))
+        .repartition(8)  # the ingested table may be one file: spread it over 8 blocks
         .map_batches(slow_tag, batch_format="pandas", num_cpus=1)
         .unique("node_id")
     )
