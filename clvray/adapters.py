@@ -9,14 +9,20 @@ ingest, so a bad row of a public data set is rejected and counted like any other
   `Quantity * UnitPrice` under its invoice (the order); features aggregate lines to orders.
   Cancellations (`C` invoices, negative quantity) are refunds. Lines without CustomerID are
   rejected by ingest with reason `customer_id: missing or empty`.
+  Its customers table is derived from the same CSV: one row per distinct CustomerID with
+  the customer's most frequent `Country` (ties: the alphabetically first), a categorical
+  feature. Lines without CustomerID belong to no customer and are not counted here.
+- customers (`data.customers`, any source): `customer_id` plus attribute columns, read as
+  strings.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from clvray.contract import REQUIRED_INPUT
+from clvray.contract import CUSTOMER_KEY, REQUIRED_INPUT, customers_schema
 from clvray.io import InputError, read_input
 from clvray.storage import Storage
 
@@ -77,6 +83,72 @@ _ADAPTERS = {
 }
 
 
+ONLINE_RETAIL_ATTRIBUTES = ["Country"]
+# IDs as strings: CustomerID "12346.0" in a CSV column with gaps is still customer 12346.
+_STRING_COLUMNS = ["CustomerID", "InvoiceNo", "InvoiceDate", "StockCode"]
+_LINE_SCHEMA = pa.schema([(CUSTOMER_KEY, pa.string()), ("Country", pa.string())])
+
+
+def online_retail_customer_lines(batch: pd.DataFrame) -> pa.Table:
+    """(customer_id, Country) of every line with a CustomerID; a missing Country is ""."""
+    ids = batch["CustomerID"].astype(object)
+    # The same test ingest applies to transactions: a line it rejects names no customer.
+    keep = ids.map(lambda v: isinstance(v, str) and v.strip() != "").to_numpy(bool)
+    country = batch["Country"].astype(object).map(lambda v: v.strip() if isinstance(v, str) else "")
+    return pa.table(
+        {
+            CUSTOMER_KEY: pa.array(ids[keep].tolist(), pa.string()),
+            "Country": pa.array(country[keep].tolist(), pa.string()),
+        },
+        schema=_LINE_SCHEMA,
+    )
+
+
+def most_frequent_country(counts: pd.DataFrame) -> pa.Table:
+    """One row per customer from `(customer_id, Country, count())` rows holding all of each
+    customer's countries: the country with most lines, ties to the alphabetically first; a
+    known country beats a missing one whatever the counts."""
+    if counts.empty:
+        return customers_schema(ONLINE_RETAIL_ATTRIBUTES).empty_table()
+    ranked = counts.assign(_known=counts["Country"] != "").sort_values(
+        [CUSTOMER_KEY, "_known", "count()", "Country"],
+        ascending=[True, False, False, True],
+        kind="stable",
+    )
+    best = ranked.drop_duplicates(CUSTOMER_KEY, keep="first")
+    country = [c if c else None for c in best["Country"].tolist()]
+    return pa.table(
+        {
+            CUSTOMER_KEY: pa.array(best[CUSTOMER_KEY].tolist(), pa.string()),
+            "Country": pa.array(country, pa.string()),
+        },
+        schema=customers_schema(ONLINE_RETAIL_ATTRIBUTES),
+    )
+
+
+def online_retail_customers(uri: str, storage: Storage, num_partitions: int):
+    """Lazy dataset of one row per distinct CustomerID of an Online Retail CSV, with Country.
+
+    Cost: one pass over the lines and two shuffles, the first of (customer, country) line
+    counts (one row per pair), the second of those counts by customer; nothing row-level
+    reaches the driver and each task holds one partition of the pairs.
+    """
+    raw = read_input(uri, storage, string_columns=[*_STRING_COLUMNS, "Country"])
+    missing = [c for c in ("CustomerID", "Country") if c not in raw.columns()]
+    if missing:
+        raise InputError(f"{uri}: online_retail_csv input lacks column(s) {missing}")
+    lines = raw.map_batches(online_retail_customer_lines, batch_format="pandas")
+    counts = lines.groupby([CUSTOMER_KEY, "Country"], num_partitions=num_partitions).count()
+    return counts.repartition(num_partitions, keys=[CUSTOMER_KEY]).map_batches(
+        most_frequent_country, batch_size=None, batch_format="pandas"
+    )
+
+
+def read_customers(uri: str, storage: Storage):
+    """Lazy dataset of a customers file as given (every CSV column a string)."""
+    return read_input(uri, storage, all_strings=True)
+
+
 def read_source(source: str, table: str, uri: str, storage: Storage):
     """Lazy dataset of `table` in contract column names (values still unvalidated)."""
     if source in ("synthetic", "contract_parquet"):
@@ -84,10 +156,7 @@ def read_source(source: str, table: str, uri: str, storage: Storage):
     if (source, table) not in _ADAPTERS:
         raise InputError(f"source {source!r} has no {table} table; unset data.{table}")
     fn, needed = _ADAPTERS[(source, table)]
-    # IDs as strings: CustomerID "12346.0" in a CSV column with gaps is still customer 12346.
-    raw = read_input(
-        uri, storage, string_columns=["CustomerID", "InvoiceNo", "InvoiceDate", "StockCode"]
-    )
+    raw = read_input(uri, storage, string_columns=_STRING_COLUMNS)
     missing = [c for c in needed if c not in raw.columns()]
     if missing:
         raise InputError(f"{uri}: {source} input lacks column(s) {missing}")

@@ -44,6 +44,7 @@ REJECTS = pa.schema(
 )
 
 SCHEMAS = {"transactions": TRANSACTIONS, "reviews": REVIEWS}
+CUSTOMER_KEY = "customer_id"
 REQUIRED_INPUT = {
     "transactions": ["customer_id", "order_id", "ts", "amount"],
     "reviews": ["customer_id", "review_id", "ts", "text"],
@@ -187,24 +188,57 @@ def validate_reviews(batch: pd.DataFrame, max_text_chars: int) -> pd.DataFrame:
     )
 
 
-def mark_duplicates(batch: pd.DataFrame, key: str) -> pd.DataFrame:
+def customers_schema(attributes: list[str]) -> pa.Schema:
+    """The customers contract: `customer_id` plus the chosen attribute columns, all strings."""
+    return pa.schema([(CUSTOMER_KEY, pa.string())] + [(a, pa.string()) for a in attributes])
+
+
+def _attribute_col(df: pd.DataFrame, name: str) -> pd.Series:
+    # Attributes are categories: numbers become their text ("3", not "3.0"), blanks are missing.
+    values = _str_col(df, name).map(lambda v: None if v is None or not v.strip() else v.strip())
+    return values.astype(object)
+
+
+def validate_customers(batch: pd.DataFrame, attributes: list[str]) -> pd.DataFrame:
+    """Normalise one batch to the customers contract; attribute values are never rejected."""
+    n = len(batch)
+    customer_id = _str_col(batch, CUSTOMER_KEY)
+    reasons = _first_reason(
+        [
+            (
+                customer_id.map(lambda v: v is None or v.strip() == "").to_numpy(bool),
+                "customer_id: missing or empty",
+            )
+        ],
+        n,
+    )
+    cols = {CUSTOMER_KEY: customer_id.to_numpy()}
+    cols.update({a: _attribute_col(batch, a).to_numpy() for a in attributes})
+    cols[REASON] = reasons
+    cols["_raw"] = _raw_json(batch, np.ones(n, bool)) if n else []
+    return pd.DataFrame(cols)
+
+
+def mark_duplicates(
+    batch: pd.DataFrame, key: str, order_by: tuple[str, ...] = ("ts", "_raw")
+) -> pd.DataFrame:
     """Reject every row whose `key` was already seen; the block holds all rows of each key.
 
-    Keeps the earliest row (by ts, then raw row text) so the outcome does not depend on the
-    order in which the shuffle delivered rows.
+    Keeps the earliest row by `order_by` (default: ts, then raw row text) so the outcome does
+    not depend on the order in which the shuffle delivered rows.
     """
     if batch.empty:
         return batch
     ok = batch[REASON].isna()
-    order = batch.sort_values(["ts", "_raw"], kind="stable").index
+    order = batch.sort_values(list(order_by), kind="stable").index
     dup = batch.loc[order, key].duplicated(keep="first") & ok.loc[order]
     batch.loc[dup[dup].index, REASON] = f"{key}: duplicate"
     return batch
 
 
-def to_contract(batch: pd.DataFrame, table: str) -> pa.Table:
-    """Accepted rows of a validated batch, typed exactly as the contract says."""
-    schema = SCHEMAS[table]
+def to_contract(batch: pd.DataFrame, table: str, schema: pa.Schema | None = None) -> pa.Table:
+    """Accepted rows of a validated batch, typed exactly as the contract (or `schema`) says."""
+    schema = schema if schema is not None else SCHEMAS[table]
     cols = {}
     for field in schema:
         values = batch[field.name]

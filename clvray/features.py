@@ -12,6 +12,7 @@ count, and nothing row-level reaches the driver.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,20 @@ FEATURES = [
 ]
 LABELS = ["future_value", "future_purchases", "churned"]
 DAY = pd.Timedelta(days=1)
+CATEGORICAL_PREFIX = "cat_"
+"""Columns named `cat_<attribute>` come from the customers table: strings, used as categorical
+features (XGBoost's native categorical splits), null for a customer the table lacks."""
+
+
+def categorical_name(attribute: str) -> str:
+    """Feature name of a customers-table attribute: `Country` -> `cat_country`. Characters
+    other than letters, digits and `_` become `_` (XGBoost rejects `[`, `]`, `<` in names)."""
+    return CATEGORICAL_PREFIX + re.sub(r"[^0-9a-z_]", "_", attribute.lower())
+
+
+def categorical_columns(columns: list[str]) -> list[str]:
+    """The categorical feature columns among `columns`, in their order."""
+    return [c for c in columns if c.startswith(CATEGORICAL_PREFIX)]
 
 
 def split_of(
@@ -226,7 +241,8 @@ def as_utc(ts) -> pd.Timestamp:
 
 
 def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Timestamp):
-    """Write `features/customers` (one row per customer, features + labels + split)."""
+    """Write `features/customers` (one row per customer, features + labels + split, and a
+    `cat_*` column per attribute of the ingested customers table when there is one)."""
     f = cfg.features
     events = read_parquet(join(run_dir, "ingest", "transactions"), storage).map_batches(
         _events_block, batch_format="pandas", fn_kwargs={"kind": "t"}
@@ -250,6 +266,23 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
             "test_share": f.test_share,
         },
     )
+    customers = _with_customer_attributes(customers, storage, run_dir, f.num_partitions)
     out = join(run_dir, "features", "customers")
     write_parquet(customers, out, storage)
     return out
+
+
+def _with_customer_attributes(customers, storage: Storage, run_dir: str, num_partitions: int):
+    """Left-join the ingested customers table's attributes as `cat_*` columns (a hash join:
+    both sides shuffled by customer_id, one partition per task)."""
+    table_uri = join(run_dir, "ingest", "customers")
+    if not storage.exists(table_uri):
+        return customers
+    table = read_parquet(table_uri, storage)
+    attributes = [c for c in table.columns() if c != "customer_id"]
+    if not attributes:
+        return customers
+    table = table.rename_columns({a: categorical_name(a) for a in attributes})
+    return customers.join(
+        table, join_type="left_outer", num_partitions=num_partitions, on=("customer_id",)
+    )

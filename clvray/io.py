@@ -25,11 +25,17 @@ def detect_format(uri: str) -> str:
     return "parquet"
 
 
-def read_input(uri: str, storage: Storage, string_columns: list[str] | None = None):
+def read_input(
+    uri: str,
+    storage: Storage,
+    string_columns: list[str] | None = None,
+    all_strings: bool = False,
+):
     """A lazy Ray Dataset over `uri` (a file or a folder of parquet / CSV / JSON lines files).
 
-    CSV columns named in `string_columns` are read as strings so that a bad value becomes a
-    rejected row with its reason, not a read error for the whole file.
+    CSV columns named in `string_columns` (every column of the first file's header with
+    `all_strings`) are read as strings so that a bad value becomes a rejected row with its
+    reason, not a read error for the whole file, and a code like "02139" keeps its zero.
     """
     import ray.data
 
@@ -37,24 +43,35 @@ def read_input(uri: str, storage: Storage, string_columns: list[str] | None = No
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {uri} does not exist")
+    first = path
     if info.type == pafs.FileType.Directory:
         files = [
             f for f in storage.list_files(uri) if not f.rsplit("/", 1)[-1].startswith(("_", "."))
         ]
         if not files:
             raise InputError(f"input {uri} is an empty folder")
+        first = files[0]
         fmt = detect_format(files[0])
     else:
         fmt = detect_format(uri)
     if fmt == "csv":
+        names = list(string_columns or [])
+        if all_strings:
+            names += _csv_header(fs, first)
         convert = pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in string_columns or []},
+            column_types={c: pa.string() for c in names},
             strings_can_be_null=True,
         )
         return ray.data.read_csv(path, filesystem=fs, convert_options=convert)
     if fmt == "json":
         return ray.data.read_json(path, filesystem=fs, lines=True)
     return ray.data.read_parquet(path, filesystem=fs)
+
+
+def _csv_header(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Column names of a CSV file (compressed or not); reads its first block only."""
+    with fs.open_input_stream(path, compression="detect") as src:
+        return pacsv.open_csv(src).schema.names
 
 
 def read_parquet(uri: str, storage: Storage, columns: list[str] | None = None):

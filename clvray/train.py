@@ -10,6 +10,11 @@ point mass at zero (churned customers) plus a right-skewed positive part; square
 the few whales and predicts negative values, Tweedie models exactly that shape with a log link.
 Net future value can be negative (refunds); the Tweedie label is clipped at 0 and the
 evaluation still uses the actual net value.
+
+Categorical features (`cat_*` columns, strings) use XGBoost's native categorical splits. Each
+column's categories are fitted on train customers only (the `MAX_CATEGORIES` most frequent
+values), saved in `meta.json` and applied identically on every worker and at scoring time:
+any other value, unseen ones included, is missing.
 """
 
 from __future__ import annotations
@@ -21,11 +26,102 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from clvray.config import TrainSection
+from clvray.features import categorical_columns
 from clvray.storage import Storage, join
 
 MODEL_FILES = {"value": "value.ubj", "churn": "churn.ubj", "quantiles": "quantiles.ubj"}
+MAX_CATEGORIES = 64
+"""Categories kept per categorical feature: its most frequent values among train customers
+(ties by value). Rarer values carry too few customers to split on and would make scoring
+depend on values a model never learned from."""
+_VOCAB_PARTITIONS = 8
+"""Hash partitions of the (column, value) count: distinct values go through it, not rows."""
+_PAIR_SCHEMA = pa.schema([("column", pa.string()), ("value", pa.string())])
+
+
+def _category_values(batch: pd.DataFrame, columns: list[str]) -> pa.Table:
+    """Every non-null (column, value) pair of a batch, one row each."""
+    names: list[str] = []
+    values: list[str] = []
+    for c in columns:
+        present = [str(v) for v in batch[c].dropna().tolist()]
+        names += [c] * len(present)
+        values += present
+    return pa.table({"column": names, "value": values}, schema=_PAIR_SCHEMA)
+
+
+def _top_values(counts: pd.DataFrame, k: int) -> pd.DataFrame:
+    """At most `k` rows per column: the most frequent values, ties by value."""
+    ranked = counts.sort_values(
+        ["column", "count()", "value"], ascending=[True, False, True], kind="stable"
+    )
+    return ranked.groupby("column", sort=False).head(k)[["column", "value", "count()"]]
+
+
+def fit_categories(
+    train, columns: list[str], max_categories: int = MAX_CATEGORIES
+) -> dict[str, list[str]]:
+    """Categories of each of `columns` over the `train` dataset: `{column: [values]}`, most
+    frequent first (ties by value), at most `max_categories` each; [] for an all-null column.
+
+    Cost: one pass over `train` and one hash shuffle of (column, value) counts. Each pair's
+    total count is in exactly one batch of counts, so the per-batch top values together hold
+    the overall top values: the driver receives at most `max_categories` rows per column and
+    batch, whatever the number of customers or distinct values.
+    """
+    if not columns:
+        return {}
+    pairs = train.map_batches(
+        _category_values, batch_format="pandas", fn_kwargs={"columns": columns}
+    )
+    counts = pairs.groupby(["column", "value"], num_partitions=_VOCAB_PARTITIONS).count()
+    top = counts.map_batches(
+        _top_values, batch_format="pandas", fn_kwargs={"k": max_categories}
+    ).to_pandas()
+    out: dict[str, list[str]] = {c: [] for c in columns}
+    if not top.empty:
+        for column, values in _top_values(top, max_categories).groupby("column", sort=False):
+            out[str(column)] = [str(v) for v in values["value"]]
+    return out
+
+
+def feature_frame(
+    df: pd.DataFrame, features: list[str], categories: dict[str, list[str]]
+) -> pd.DataFrame:
+    """`df[features]`, with each column of `categories` as a pandas Categorical holding
+    exactly those categories (other values missing). A column with no categories (all null
+    in train) becomes an all-missing float column, which XGBoost never splits on."""
+    frame = df[features]
+    if not categories:
+        return frame
+    frame = frame.copy()
+    for column, values in categories.items():
+        if values:
+            codes = pd.Index(values).get_indexer(frame[column].astype(object))
+            frame[column] = pd.Categorical.from_codes(codes, categories=values)
+        else:
+            frame[column] = np.full(len(frame), np.nan)
+    return frame
+
+
+def feature_matrix(
+    df: pd.DataFrame,
+    features: list[str],
+    categories: dict[str, list[str]],
+    label: np.ndarray | None = None,
+):
+    """The `xgb.DMatrix` of `df`; categorical splits only when there are categorical columns."""
+    import xgboost as xgb
+
+    return xgb.DMatrix(
+        feature_frame(df, features, categories),
+        label=label,
+        feature_names=features,
+        enable_categorical=bool(categories),
+    )
 
 
 def _base_params(cfg: TrainSection) -> dict:
@@ -70,16 +166,17 @@ def _train_loop(config: dict) -> None:
     import xgboost as xgb
 
     features = config["features"]
+    categories = config["categories"]
     train_df = ray.train.get_dataset_shard("train").materialize().to_pandas()
     valid_df = ray.train.get_dataset_shard("valid").materialize().to_pandas()
     results: dict[str, dict] = {}
     boosters = {}
     for name, params in config["params"].items():
-        dtrain = xgb.DMatrix(
-            train_df[features], label=_labels(train_df, name, params), feature_names=features
+        dtrain = feature_matrix(
+            train_df, features, categories, label=_labels(train_df, name, params)
         )
-        dvalid = xgb.DMatrix(
-            valid_df[features], label=_labels(valid_df, name, params), feature_names=features
+        dvalid = feature_matrix(
+            valid_df, features, categories, label=_labels(valid_df, name, params)
         )
         history: dict = {}
         booster = xgb.train(
@@ -134,6 +231,8 @@ def train_models(
     """Fit value, churn and quantile boosters on `features` of the `customers` dataset.
 
     `customers` holds one row per customer with `split`, the feature columns and labels.
+    Features named `cat_*` are categorical (strings): their categories are fitted on the
+    train split (`fit_categories`) and saved in meta.json under `categories`.
     Boosters, feature names and order, params and valid metrics are saved together under
     `<run_dir>/models/<variant>/`. Cost: one Ray Train run with `cfg.num_workers` workers;
     each worker holds its shard of train + valid customers in memory as a DMatrix.
@@ -148,12 +247,14 @@ def train_models(
     valid_ds = customers.map_batches(
         _split, batch_format="pandas", fn_kwargs={"split": "valid", "columns": columns}
     )
+    categories = fit_categories(train_ds, categorical_columns(features))
     params = model_params(cfg, seed)
     fs, storage_path = storage.filesystem(join(run_dir, "ray_train"))
     trainer = XGBoostTrainer(
         _train_loop,
         train_loop_config={
             "features": features,
+            "categories": categories,
             "params": params,
             "num_boost_round": cfg.num_boost_round,
             "early_stopping_rounds": cfg.early_stopping_rounds,
@@ -179,6 +280,8 @@ def train_models(
         storage.delete_dir(out)
         storage.upload_dir(ckpt, out)
     meta = {"variant": variant, "features": features, "params": params, "results": results}
+    if categories:
+        meta["categories"] = categories
     storage.write_json(join(out, "meta.json"), meta)
     return TrainedModels(out, features, results)
 
@@ -191,6 +294,7 @@ class Boosters:
 
         self.meta = storage.read_json(join(model_uri, "meta.json"))
         self.features: list[str] = self.meta["features"]
+        self.categories: dict[str, list[str]] = self.meta.get("categories", {})
         self.models = {}
         for name, filename in MODEL_FILES.items():
             booster = xgb.Booster()
@@ -199,12 +303,10 @@ class Boosters:
             self.models[name] = booster
 
     def _dmatrix(self, df: pd.DataFrame):
-        import xgboost as xgb
-
         missing = [c for c in self.features if c not in df]
         if missing:
             raise KeyError(f"scoring input lacks feature column(s) {missing}")
-        return xgb.DMatrix(df[self.features], feature_names=self.features)
+        return feature_matrix(df, self.features, self.categories)
 
     def predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         """Point value, churn probability and value quantiles (sorted so P10 <= P50 <= P90)."""
