@@ -44,6 +44,7 @@ SECTION_IDS = (
     "metrics-table",
     *CHART_SECTION_IDS,
     "ablation",
+    "topics",
     "segments",
     "explanations",
     "counts",
@@ -648,6 +649,56 @@ def _ablation_table(metrics: dict) -> str:
     )
 
 
+OVER_REPRESENTED = 1.2
+"""A topic is flagged over-represented in a group when its lift there is at least this."""
+
+
+def _lift(value: object) -> str:
+    text = format_number(value, 2)
+    if isinstance(value, int | float) and math.isfinite(value) and value >= OVER_REPRESENTED:
+        return f"<strong>{_e(text)}×</strong>"
+    return _e(text if text == MISSING else f"{text}×")
+
+
+def _topics_table(metrics: dict) -> str:
+    topics = (metrics.get("topics") or {}).get("topics") or []
+    if not topics:
+        return _empty("No topics in this run (text or text.topics disabled, or no reviews).")
+    rows = []
+    for t in sorted(topics, key=lambda t: -(t.get("reviews") or 0)):
+        rows.append(
+            [
+                _td(str(t.get("topic")), numeric=False),
+                _td(", ".join(t.get("words") or []) or MISSING, numeric=False),
+                _td(_count(t.get("reviews"))),
+                _td(_percent(t.get("share"))),
+                f'<td class="num">{_lift(t.get("churner_lift"))}</td>',
+                f'<td class="num">{_lift(t.get("top_value_lift"))}</td>',
+            ]
+        )
+    headers = [
+        "Topic",
+        "Most distinctive words",
+        "Reviews",
+        "Share",
+        "Lift among predicted churners",
+        "Lift in top value segment",
+    ]
+    return _table(headers, rows)
+
+
+def _topics_caption(metrics: dict) -> str:
+    t = metrics.get("topics") or {}
+    return (
+        "Reviews clustered by their embeddings (k-means on a sample, every review assigned to "
+        "its nearest centroid, encoder variant "
+        f"{t.get('variant', MISSING)}); each topic is named by its most distinctive words "
+        "(class-based TF-IDF). Lift is the topic's share of a group's reviews over its share of "
+        f"all reviews; predicted churners have churn probability ≥ {t.get('churn_threshold', 0.5)}. "
+        f"Lifts of {OVER_REPRESENTED}× or more are in bold."
+    )
+
+
 def _segments_table(segments: pd.DataFrame) -> str:
     if segments.empty:
         return _empty("No value segments.")
@@ -900,6 +951,9 @@ def render_report(
             _ablation_table(metrics),
             "The same gradient-boosted model on behavioural features alone, plus pretrained "
             "text embeddings, plus fine-tuned text embeddings.",
+        ),
+        _section(
+            "topics", "What customers write about", _topics_table(metrics), _topics_caption(metrics)
         ),
         _section(
             "segments",

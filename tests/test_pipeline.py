@@ -33,17 +33,28 @@ def _argv(storage, *extra):
 
 
 @pytest.fixture(scope="module")
-def behavioural_run(ray_local, tmp_path_factory):
+def pipeline_run(ray_local, tiny_encoder, tmp_path_factory):
+    """The whole job, text path included: fine-tune (tiny BERT), embed, topics as features.
+    (Behavioural-only runs are exercised by tests/test_s3.py and tests/test_job_submit.py.)"""
     import jobs.pipeline as job
 
     storage = tmp_path_factory.mktemp("runs")
-    argv = _argv(storage, "--set", "text.enabled=false", "--run-id", "e2e")
+    argv = _argv(
+        storage,
+        "--run-id", "e2e",
+        "--set", f"text.model={tiny_encoder}",
+        "--set", "text.finetune.max_reviews=300",
+        "--set", "text.finetune.cpus_per_worker=0.5",
+        "--set", "text.num_partitions=2",
+        "--set", "text.topics.n_topics=4",
+        "--set", "text.topics.as_features=true",
+    )  # fmt: skip
     assert job.main(argv) == 0
     return storage / "e2e", argv
 
 
-def test_metrics_json_holds_every_model_and_the_counts(behavioural_run):
-    run_dir, _ = behavioural_run
+def test_metrics_json_holds_every_model_and_the_counts(pipeline_run):
+    run_dir, _ = pipeline_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for name in ("gbm_behavioural", "heuristic", "bgnbd_gamma_gamma", "oracle"):
         assert -1 <= metrics["models"][name]["value"]["normalized_gini"] <= 1
@@ -61,8 +72,8 @@ def test_metrics_json_holds_every_model_and_the_counts(behavioural_run):
     assert 'id="gain-chart"' in html and "bgnbd_gamma_gamma" in html
 
 
-def test_scores_cover_every_customer_once(behavioural_run):
-    run_dir, _ = behavioural_run
+def test_scores_cover_every_customer_once(pipeline_run):
+    run_dir, _ = pipeline_run
     scores = pd.read_parquet(run_dir / "scores")
     customers = pd.read_parquet(run_dir / "features" / "customers")
     assert scores["customer_id"].is_unique
@@ -71,22 +82,27 @@ def test_scores_cover_every_customer_once(behavioural_run):
     assert (scores["value_p10"] <= scores["value_p90"]).all()
     assert scores["churn_prob"].between(0, 1).all()
     assert set(scores["top_feature_1"]) <= set(
-        json.loads((run_dir / "models/gbm_behavioural/meta.json").read_text())["features"]
+        json.loads((run_dir / "models/gbm_text_finetuned/meta.json").read_text())["features"]
     )
     # the split recorded with the scores is the stable hash split
     expected = split_of(scores["customer_id"], 0.15, 0.2)
     assert (scores["split"].to_numpy() == expected).all()
 
 
-def test_rerun_with_same_config_skips_every_stage(behavioural_run):
+def test_rerun_with_same_config_skips_every_stage(pipeline_run):
     import jobs.pipeline as job
 
-    run_dir, argv = behavioural_run
+    run_dir, argv = pipeline_run
     assert job.main(argv) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {"ingest", "features", "models/gbm_behavioural", "scores"} <= set(
-        metrics["skipped_stages"]
-    )
+    assert {
+        "ingest",
+        "features",
+        "text/finetune",
+        "text/topics",
+        "models/gbm_behavioural",
+        "scores",
+    } <= set(metrics["skipped_stages"])
 
 
 def test_config_error_exits_with_the_key(capsys):
@@ -94,3 +110,25 @@ def test_config_error_exits_with_the_key(capsys):
 
     assert job.main(["--config", "configs/demo.yaml", "--set", "features.horizon=3"]) == 2
     assert "unknown config key 'features.horizon'" in capsys.readouterr().err
+
+
+def test_text_run_holds_the_three_way_ablation_and_topics(pipeline_run):
+    run_dir, _ = pipeline_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["ablation"]) == {
+        "gbm_behavioural",
+        "gbm_text_pretrained",
+        "gbm_text_finetuned",
+    }
+    assert metrics["primary_model"] == "gbm_text_finetuned"
+    n = {v["value"]["n"] for k, v in metrics["models"].items() if k.startswith("gbm_")}
+    assert len(n) == 1  # every variant scored on the same test customers
+    topics = metrics["topics"]["topics"]
+    reviews = pd.read_parquet(run_dir / "text" / "topics" / "assignments")
+    assert sum(t["reviews"] for t in topics) == len(reviews) > 0
+    assert all(t["words"] for t in topics)
+    # the topic shares reached the primary model as features
+    meta = json.loads((run_dir / "models" / "gbm_text_finetuned" / "meta.json").read_text())
+    assert "topic_share_0" in meta["features"] and "txt_score_mean" in meta["features"]
+    html = (run_dir / "report" / "index.html").read_text()
+    assert 'id="topics"' in html and topics[0]["words"][0] in html

@@ -139,6 +139,28 @@ def synthetic_inputs() -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
             "gbm_text_pretrained": {"normalized_gini": 0.66, "spearman": 0.45},
             PRIMARY: {"normalized_gini": 0.7351, "spearman": 0.5, "churn_roc_auc": 0.85},
         },
+        "topics": {
+            "variant": PRIMARY,
+            "churn_threshold": 0.5,
+            "topics": [
+                {
+                    "topic": 0,
+                    "words": ["refund", "broken"],
+                    "reviews": 600,
+                    "share": 0.6,
+                    "churner_lift": 1.4,
+                    "top_value_lift": 0.5,
+                },
+                {
+                    "topic": 1,
+                    "words": ["love", "<again>"],
+                    "reviews": 400,
+                    "share": 0.4,
+                    "churner_lift": 0.4,
+                    "top_value_lift": None,
+                },
+            ],
+        },  # fmt: skip
         "models": models,
         "timings_s": {"ingest": 3.2, "train/gbm_behavioural": 26.94, "evaluate": 11.7},
         "skipped_stages": ["features"],
@@ -312,6 +334,8 @@ def test_ablation_segments_counts_and_timings_tables(report) -> None:
     text = {sid: " ".join(" ".join(parsed.text[sid]).split()) for sid in SECTION_IDS}
     assert "gbm_text_pretrained 0.660 +0.050" in text["ablation"]
     assert "gbm_text_finetuned 0.735 +0.125" in text["ablation"]
+    assert "0 refund, broken 600 60.0% 1.40× 0.50×" in text["topics"]
+    assert "1 love, <again> 400 40.0% 0.40× –" in text["topics"]  # escaped, parsed back
     assert "all 400 100.0%" in text["segments"]
     assert "transactions 12,600 12,590 10 0.08%" in text["counts"]
     assert "negative_quantity 7" in text["counts"]
