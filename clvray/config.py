@@ -65,6 +65,11 @@ class DataSection(_Strict):
     transactions: str | None = None
     reviews: str | None = None
     customers: str | None = None
+    """`customer_id` plus attribute columns (CSV, parquet or JSON lines; file or folder). With
+    `online_retail_csv` and no file here, the table is derived from the transactions CSV
+    (each customer's most frequent `Country`)."""
+    customer_attributes: list[str] | None = None
+    """Attribute columns of the customers table used as categorical features; None: all."""
     synthetic: SyntheticSection = SyntheticSection()
 
 
@@ -82,6 +87,9 @@ class FeaturesSection(_Strict):
     test_share: float = Field(0.2, gt=0, lt=1)
     num_partitions: int = Field(8, gt=0)
     """Hash partitions of the customer shuffle; raise with the row count (~1M rows each)."""
+    btyd_features: bool = True
+    """Give the GBMs the train-fitted BG/NBD + Gamma-Gamma predictions (P(alive), expected
+    purchases and value over the horizon) as features (`clvray.btyd`)."""
 
     @model_validator(mode="after")
     def _shares(self) -> FeaturesSection:
@@ -92,7 +100,10 @@ class FeaturesSection(_Strict):
 
 class FinetuneSection(_Strict):
     enabled: bool = True
-    target: Literal["rating", "churn"] = "rating"
+    target: Literal["rating", "churn"] = "churn"
+    """`churn`: the train customers' churn labels (valid/test customers' reviews never train the
+    head); `rating`: the review's stars (every review, no label leakage possible). Churn is the
+    default: it measured better on the demo data (README, "Choosing the text defaults")."""
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
@@ -118,7 +129,9 @@ class EmbedSection(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     dtype: Literal["float16", "float32"] = "float32"
     reduce: Literal["none", "pca", "random"] = "pca"
-    reduce_dim: int = Field(16, gt=0)
+    reduce_dim: int = Field(4, gt=0)
+    """Dimensions kept of each mean embedding. With ~1,300 train customers 4 beat 8 and 16
+    (more dimensions gave XGBoost more noise to split on); raise it with more customers."""
     recency_half_life_days: float = Field(90.0, gt=0)
     tokenize_batch_size: int = Field(1024, gt=0)
     """Rows per CPU tokenization task; rows are sorted by length inside it, so the model batches
@@ -126,6 +139,19 @@ class EmbedSection(_Strict):
     reduce_fit_rows: int = Field(50_000, gt=0)
     """At most this many train customers (a hash sample) go to the driver to fit the reduction."""
     reduce_seed: int = 0
+
+
+class TopicsSection(_Strict):
+    enabled: bool = True
+    n_topics: int = Field(8, ge=2)
+    fit_rows: int = Field(20_000, gt=0)
+    """At most this many reviews (a hash sample) go to the driver to fit the k-means."""
+    top_words: int = Field(8, gt=0)
+    min_word_count: int = Field(3, gt=0)
+    """Words seen fewer times in all reviews are not used to name topics."""
+    as_features: bool = False
+    """Add each customer's topic shares to the primary text model's features."""
+    seed: int = 0
 
 
 class TextSection(_Strict):
@@ -137,6 +163,7 @@ class TextSection(_Strict):
     """Hash partitions of the text path's customer shuffles (label join, per-customer features)."""
     finetune: FinetuneSection = FinetuneSection()
     embed: EmbedSection = EmbedSection()
+    topics: TopicsSection = TopicsSection()
 
 
 class TrainSection(_Strict):

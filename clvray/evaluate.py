@@ -9,14 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from clvray import baselines, metrics
+from clvray import baselines, btyd, metrics
 from clvray.features import split_of
 from clvray.io import read_parquet
 from clvray.storage import join
 from clvray.train import Boosters
 
 MAX_EVAL_CUSTOMERS = 2_000_000
-BTYD_FIT_CUSTOMERS = 200_000
 
 
 def _test_frame(ds, n_total: int) -> pd.DataFrame:
@@ -37,53 +36,21 @@ def _model_metrics(y: np.ndarray, churned: np.ndarray, preds: dict[str, np.ndarr
     return out
 
 
-def _calibration(df: pd.DataFrame) -> pd.DataFrame:
-    """Calibration summaries in weeks (BG/NBD is fitted on weeks, as in the literature)."""
-    return pd.DataFrame(
-        {
-            "frequency": df["frequency"].to_numpy(float),
-            "recency": df["recency_days"].to_numpy(float) / 7.0,
-            "T": df["T_days"].to_numpy(float) / 7.0,
-            "monetary": df["monetary_repeat"].to_numpy(float),
-        }
-    )
-
-
-def btyd_predictions(train: pd.DataFrame, test: pd.DataFrame, horizon_days: int) -> dict:
-    """BG/NBD + Gamma-Gamma fitted on train customers, predicted for test customers."""
-    fit = train.sample(min(len(train), BTYD_FIT_CUSTOMERS), random_state=0)
-    calib = _calibration(fit)
-    repeat = calib.loc[(calib["frequency"] > 0) & (calib["monetary"] > 0), "monetary"]
-    # Constant order values (Amazon reviews as purchases of value 1) leave Gamma-Gamma
-    # nothing to fit: value is then expected purchases times the mean order value.
-    with_spend = len(repeat) > 10 and repeat.std() > 1e-9
-    model = baselines.fit_btyd(calib, value=with_spend)
-    s = _calibration(test)
-    t = horizon_days / 7.0
-    pred = baselines.predict_btyd(model, s, t)
-    spend = pred["expected_spend"] if with_spend else float(train["monetary"].mean())
-    bg = model.bgnbd
-    # P(no purchase in t) = P(dead) + P(alive) * E[exp(-lambda t) | data]; lambda | data,
-    # alive ~ Gamma(r + x, alpha + T), whose Laplace transform gives the second factor.
-    no_buy_if_alive = ((bg.alpha + s["T"]) / (bg.alpha + s["T"] + t)) ** (bg.r + s["frequency"])
-    return {
-        "future_value_pred": pred["expected_purchases"] * spend,
-        "churn_prob": 1.0 - pred["prob_alive"] * (1.0 - no_buy_if_alive.to_numpy()),
-        "params": {
-            "bgnbd": vars(bg),
-            "gamma_gamma": vars(model.gamma_gamma) if model.gamma_gamma else None,
-        },
-    }
-
-
 def evaluate(
-    run, fused: dict, primary: str, cutoff: pd.Timestamp, counts: dict
+    run,
+    fused: dict,
+    primary: str,
+    cutoff: pd.Timestamp,
+    counts: dict,
+    btyd_fit: btyd.TrainBTYD | None = None,
+    btyd_error: str | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """Metrics of every model and baseline on the same test customers.
 
     Returns the metrics dict (written to metrics.json) and the per-customer test frame
     (`customer_id`, `future_value`, `churned`, `pred_value__<model>`, `pred_churn__<model>`)
-    that the report plots.
+    that the report plots. `btyd_fit` is the BG/NBD + Gamma-Gamma fitted on the train
+    customers (`clvray.btyd`), or None with `btyd_error` saying why it could not be fitted.
     """
     cfg, storage = run.cfg, run.storage
     horizon = cfg.features.horizon_days
@@ -134,18 +101,15 @@ def evaluate(
             )
         },
     )
-    train = customers.filter(expr="split == 'train'").select_columns(
-        ["frequency", "recency_days", "T_days", "monetary", "monetary_repeat"]
-    )
-    n_train = out["population"].get("train", 0)
-    if n_train > BTYD_FIT_CUSTOMERS:
-        train = train.random_sample(BTYD_FIT_CUSTOMERS / n_train * 1.2, seed=0)
-    try:
-        btyd = btyd_predictions(train.to_pandas(), base, horizon)
-        params = btyd.pop("params")
-        add("bgnbd_gamma_gamma", btyd, params=params)
-    except Exception as exc:  # a baseline that cannot be fitted is reported, not fatal
-        out["models"]["bgnbd_gamma_gamma"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if btyd_fit is None:
+        out["models"]["bgnbd_gamma_gamma"] = {"error": btyd_error or "not fitted"}
+    else:
+        pred = btyd.predict(btyd_fit, base, horizon)
+        add(
+            "bgnbd_gamma_gamma",
+            {k: pred[k] for k in ("future_value_pred", "churn_prob")},
+            params=btyd_fit.to_json(),
+        )
 
     if cfg.data.source == "synthetic":
         add(
@@ -153,6 +117,7 @@ def evaluate(
             {"future_value_pred": _oracle(run, base, cutoff, horizon)},
             note="latent rate, dropout, spend and alive state at cutoff",
         )
+    out["vs_bgnbd"] = _versus(frame, out["models"], "bgnbd_gamma_gamma")
     out["ablation"] = {
         name: {
             "normalized_gini": m["value"]["normalized_gini"],
@@ -163,6 +128,30 @@ def evaluate(
         if name.startswith("gbm_")
     }
     return out, frame
+
+
+def _versus(frame: pd.DataFrame, models: dict, reference: str) -> dict:
+    """Each GBM minus the reference model on normalized Gini and Spearman, with a paired
+    bootstrap 95% interval over test customers: is the difference more than this split's noise?"""
+    ref = f"pred_value__{reference}"
+    if ref not in frame:
+        return {}
+    y = frame["future_value"].to_numpy(float)
+    out = {}
+    for name in models:
+        col = f"pred_value__{name}"
+        if not name.startswith("gbm_") or col not in frame:
+            continue
+        out[name] = {
+            metric: metrics.paired_bootstrap_difference(
+                y, frame[col].to_numpy(float), frame[ref].to_numpy(float), fn
+            )
+            for metric, fn in (
+                ("normalized_gini", metrics.normalized_gini),
+                ("spearman", metrics.spearman),
+            )
+        }
+    return out
 
 
 def _oracle(run, base: pd.DataFrame, cutoff: pd.Timestamp, horizon: int) -> np.ndarray:

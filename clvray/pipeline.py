@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from clvray import btyd, observability
 from clvray import evaluate as evaluation
-from clvray import observability
 from clvray.config import Config
 from clvray.features import FEATURES, build_features, resolve_cutoff
 from clvray.ingest import ingest
@@ -34,6 +34,7 @@ REPORT_SAMPLE_ROWS = 2000
 
 BEHAVIOURAL = "gbm_behavioural"
 TEXT_FINETUNED = "gbm_text_finetuned"
+TEXT_PREFIXES = ("txt_", "topic_share_")
 
 
 def connect_ray(cfg: Config) -> None:
@@ -176,7 +177,32 @@ def run_pipeline(cfg: Config) -> dict:
     customers = read_parquet(join(run_dir, "features", "customers"), storage).materialize()
     n_customers = customers.count()
 
-    variants: dict[str, list[str]] = {BEHAVIOURAL: list(FEATURES)}
+    # BG/NBD + Gamma-Gamma on the train customers: the baseline, and optionally GBM features.
+    btyd_dir = join(run_dir, "btyd")
+    if run.done("btyd"):
+        run.skipped.append("btyd")
+    else:
+        with run.timed("btyd"):
+            n_train = customers.filter(expr="split == 'train'").count()
+            try:
+                btyd.fit_train_btyd(customers, n_train, storage, btyd_dir)
+                run.mark("btyd")
+            except Exception as exc:  # a baseline that cannot be fitted is reported, not fatal
+                log.warning("BG/NBD + Gamma-Gamma could not be fitted: %s", exc)
+                run.mark("btyd", {"error": f"{type(exc).__name__}: {exc}"})
+    btyd_error = run.info("btyd").get("error")
+    btyd_fit = None if btyd_error else btyd.load(storage, btyd_dir)
+    # Customer attributes (`cat_*`, from the customers table) are XGBoost categoricals.
+    base_features = list(FEATURES) + [c for c in customers.columns() if c.startswith("cat_")]
+    if cfg.features.btyd_features and btyd_fit is not None:
+        customers = customers.map_batches(
+            btyd.btyd_columns,
+            fn_kwargs={"fit": btyd_fit, "horizon_days": cfg.features.horizon_days},
+            batch_format="pandas",
+        ).materialize()
+        base_features += btyd.BTYD_FEATURES
+
+    variants: dict[str, list[str]] = {BEHAVIOURAL: base_features}
     fused: dict[str, object] = {BEHAVIOURAL: customers}
     if cfg.text.enabled and "reviews" in counts:
         from clvray import textpath
@@ -185,6 +211,14 @@ def run_pipeline(cfg: Config) -> dict:
             stage = f"fuse/{variant}"
             uri = join(run_dir, "fuse", variant)
             text_ds = read_parquet(text_uri, storage)
+            if _topic_features(run, variant):
+                topic_ds = read_parquet(join(textpath.topics_dir(run_dir), "customers"), storage)
+                text_ds = text_ds.join(
+                    topic_ds,
+                    join_type="left_outer",
+                    num_partitions=cfg.features.num_partitions,
+                    on=("customer_id",),
+                )
             if not run.done(stage):
                 with run.timed(stage):
                     joined = customers.join(
@@ -196,8 +230,8 @@ def run_pipeline(cfg: Config) -> dict:
                     write_parquet(joined, uri, storage)
                 run.mark(stage)
             fused[variant] = read_parquet(uri, storage).materialize()
-            text_cols = [c for c in text_ds.columns() if c != "customer_id"]
-            variants[variant] = list(FEATURES) + text_cols
+            text_cols = [c for c in fused[variant].columns() if c.startswith(TEXT_PREFIXES)]
+            variants[variant] = base_features + text_cols
 
     for variant, features in variants.items():
         stage = f"models/{variant}"
@@ -221,8 +255,14 @@ def run_pipeline(cfg: Config) -> dict:
         run.mark("scores", {"model": primary})
 
     with run.timed("evaluate"):
-        metrics, test_frame = evaluation.evaluate(run, fused, primary, cutoff, counts)
+        metrics, test_frame = evaluation.evaluate(
+            run, fused, primary, cutoff, counts, btyd_fit=btyd_fit, btyd_error=btyd_error
+        )
+    if run.done("text/topics"):
+        with run.timed("topics/profile"):
+            metrics["topics"] = _topics_summary(run)
     metrics["timings_s"] = run.timings
+    metrics["cluster"] = _cluster_resources()
     metrics["skipped_stages"] = run.skipped
     storage.write_json(join(run_dir, "metrics.json"), metrics)
     with run.timed("report"):
@@ -236,6 +276,46 @@ def run_pipeline(cfg: Config) -> dict:
     if cfg.tracking.mlflow_uri:
         observability.log_to_mlflow(run_dir, cfg, metrics, storage, cfg.tracking.mlflow_uri)
     return metrics
+
+
+def _cluster_resources() -> dict:
+    """CPUs, GPUs and nodes the run had: stage timings mean little without them."""
+    import ray
+
+    res = ray.cluster_resources()
+    return {
+        "CPU": res.get("CPU", 0.0),
+        "GPU": res.get("GPU", 0.0),
+        "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
+    }
+
+
+def _topic_features(run: Run, variant: str) -> bool:
+    topics = run.cfg.text.topics
+    return (
+        topics.enabled
+        and topics.as_features
+        and run.done("text/topics")
+        and run.info("text/topics")["variant"] == variant
+    )
+
+
+def _topics_summary(run: Run) -> dict:
+    """Each topic's words, size and over-representation among predicted churners and the top
+    value segment (one row per topic reaches the driver)."""
+    from clvray.text.topics import topic_profile
+    from clvray.textpath import topics_dir
+
+    info = run.info("text/topics")
+    names = {int(k): v for k, v in info["words"].items()}
+    rows = topic_profile(
+        read_parquet(join(topics_dir(run.run_dir), "assignments"), run.storage),
+        read_parquet(join(run.run_dir, "scores"), run.storage),
+        names,
+        top_segment=run.cfg.score.n_segments,
+        num_partitions=run.cfg.features.num_partitions,
+    )
+    return {"variant": info["variant"], "churn_threshold": 0.5, "topics": rows}
 
 
 def summarize_segments(scores) -> pd.DataFrame:

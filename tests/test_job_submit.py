@@ -50,6 +50,13 @@ def ray_head():
         yield f"http://127.0.0.1:{dash}", env
     finally:
         subprocess.run(["pkill", "-f", temp_dir], check=False)
+        # gcs_server can outlive SIGTERM once its raylet is gone: wait, then kill what is left.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if subprocess.run(["pgrep", "-f", temp_dir], capture_output=True).returncode != 0:
+                break
+            time.sleep(0.5)
+        subprocess.run(["pkill", "-KILL", "-f", temp_dir], check=False)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

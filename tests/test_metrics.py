@@ -293,3 +293,22 @@ def test_inputs_are_checked_at_the_door():
         metrics.churn_metrics([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match=r"prob must lie in \[0, 1\]"):
         metrics.churn_metrics([0, 1], [0.1, 1.2])
+
+
+def test_paired_bootstrap_difference_brackets_the_difference_and_sees_a_real_gap() -> None:
+    from clvray.metrics import paired_bootstrap_difference, spearman
+
+    rng = np.random.default_rng(3)
+    y = rng.gamma(1.0, 10.0, 2000)
+    good = y + rng.normal(0, 5, y.size)
+    bad = y + rng.normal(0, 40, y.size)
+    r = paired_bootstrap_difference(y, good, bad, spearman, n_boot=300)
+    assert r["delta"] == pytest.approx(spearman(y, good) - spearman(y, bad))
+    assert 0 < r["lo"] <= r["delta"] <= r["hi"] and r["p_a_better"] == 1.0
+    # A model against itself: exactly no difference in every resample.
+    same = paired_bootstrap_difference(y, good, good, spearman, n_boot=50)
+    assert same["delta"] == same["lo"] == same["hi"] == 0.0
+    # Two equally noisy models: the interval straddles zero.
+    other = y + rng.normal(0, 5, y.size)
+    tie = paired_bootstrap_difference(y, good, other, spearman, n_boot=300)
+    assert tie["lo"] < 0 < tie["hi"]
