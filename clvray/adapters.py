@@ -86,6 +86,8 @@ _ADAPTERS = {
 ONLINE_RETAIL_ATTRIBUTES = ["Country"]
 # IDs as strings: CustomerID "12346.0" in a CSV column with gaps is still customer 12346.
 _STRING_COLUMNS = ["CustomerID", "InvoiceNo", "InvoiceDate", "StockCode"]
+# Amazon review JSON: text-like fields stay strings even when a block starts with nulls.
+_JSON_STRING_COLUMNS = ["reviewerID", "asin", "reviewerName", "reviewText", "summary", "reviewTime"]
 _LINE_SCHEMA = pa.schema([(CUSTOMER_KEY, pa.string()), ("Country", pa.string())])
 
 
@@ -156,7 +158,9 @@ def read_source(source: str, table: str, uri: str, storage: Storage):
     if (source, table) not in _ADAPTERS:
         raise InputError(f"source {source!r} has no {table} table; unset data.{table}")
     fn, needed = _ADAPTERS[(source, table)]
-    raw = read_input(uri, storage, string_columns=_STRING_COLUMNS)
+    raw = read_input(
+        uri, storage, string_columns=_STRING_COLUMNS, json_strings=_JSON_STRING_COLUMNS
+    )
     missing = [c for c in needed if c not in raw.columns()]
     if missing:
         raise InputError(f"{uri}: {source} input lacks column(s) {missing}")

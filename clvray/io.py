@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 
 from clvray.storage import Storage
 
+JSON_BLOCK_BYTES = 32 << 20
+
 
 class InputError(ValueError):
     """An input path is missing or in a format clvray cannot read."""
@@ -30,12 +32,14 @@ def read_input(
     storage: Storage,
     string_columns: list[str] | None = None,
     all_strings: bool = False,
+    json_strings: list[str] | None = None,
 ):
     """A lazy Ray Dataset over `uri` (a file or a folder of parquet / CSV / JSON lines files).
 
     CSV columns named in `string_columns` (every column of the first file's header with
     `all_strings`) are read as strings so that a bad value becomes a rejected row with its
     reason, not a read error for the whole file, and a code like "02139" keeps its zero.
+    JSON lines columns named in `json_strings` are read as strings (other columns inferred).
     """
     import ray.data
 
@@ -64,7 +68,20 @@ def read_input(
         )
         return ray.data.read_csv(path, filesystem=fs, convert_options=convert)
     if fmt == "json":
-        return ray.data.read_json(path, filesystem=fs, lines=True)
+        # Arrow's reader takes JSON lines natively, with our filesystem (S3 endpoint_url);
+        # Ray's `lines=True` path would ignore it. Named columns are strings whatever the
+        # first block suggests; blocks are large enough for long review texts.
+        import pyarrow.json as pajson
+
+        schema = pa.schema([(c, pa.string()) for c in json_strings or []])
+        return ray.data.read_json(
+            path,
+            filesystem=fs,
+            read_options=pajson.ReadOptions(block_size=JSON_BLOCK_BYTES),
+            parse_options=pajson.ParseOptions(
+                explicit_schema=schema, unexpected_field_behavior="infer"
+            ),
+        )
     return ray.data.read_parquet(path, filesystem=fs)
 
 

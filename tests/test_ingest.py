@@ -152,3 +152,55 @@ def test_missing_column_names_file_and_column(ray_local, tmp_path):
         ContractError, match=r"transactions.*lacks required column\(s\) \['amount'\]"
     ):
         ingest(_cfg(tmp_path, tx_dir, rv_dir), Storage(), str(tmp_path / "run"))
+
+
+AMAZON_LINES = [
+    # a null reviewerName first: the reader must not type the column from it
+    {"reviewerID": "A1", "asin": "P1", "reviewerName": None, "helpful": [0, 0],
+     "reviewText": "Strings sound bright. " * 400, "overall": 5.0, "summary": "Great",
+     "unixReviewTime": 1393545600, "reviewTime": "02 28, 2014"},
+    {"reviewerID": "A1", "asin": "P2", "reviewerName": "Jo", "helpful": [1, 2],
+     "reviewText": "Broke in a week", "overall": 1.0, "summary": "Bad",
+     "unixReviewTime": 1393645600, "reviewTime": "03 01, 2014"},
+    {"reviewerID": None, "asin": "P3", "reviewerName": "X", "helpful": [0, 0],
+     "reviewText": "who wrote this", "overall": 3.0, "summary": "?",
+     "unixReviewTime": 1393745600, "reviewTime": "03 02, 2014"},
+    {"reviewerID": "A2", "asin": "P1", "reviewerName": "Y", "helpful": [0, 0],
+     "reviewText": "fine", "overall": 9.0, "summary": "ok",
+     "unixReviewTime": 1393845600, "reviewTime": "03 03, 2014"},
+]  # fmt: skip
+
+
+def test_amazon_json_lines_gz_counts_add_up(ray_local, tmp_path):
+    import gzip
+    import json
+
+    path = tmp_path / "reviews.json.gz"
+    with gzip.open(path, "wt") as f:
+        for line in AMAZON_LINES:
+            f.write(json.dumps(line) + "\n")
+    cfg = load_config(
+        None,
+        [
+            "data.source=amazon_reviews_json",
+            f"data.transactions={path}",
+            f"data.reviews={path}",
+            "ingest.max_reject_share=0.9",
+            "ingest.max_text_chars=100000",
+        ],
+    )
+    run_dir = str(tmp_path / "run")
+    counts = ingest(cfg, Storage(), run_dir)
+    tx, rv = counts["transactions"], counts["reviews"]
+    assert (tx["rows_in"], tx["rows_accepted"], tx["rows_rejected"]) == (4, 3, 1)
+    assert (rv["rows_in"], rv["rows_accepted"], rv["rows_rejected"]) == (4, 2, 2)
+    assert rv["rejects_by_reason"] == {
+        "customer_id: missing or empty": 1,
+        "rating: not an integer in 1..5": 1,
+    }
+    reviews = read_parquet(f"{run_dir}/ingest/reviews", Storage()).to_pandas()
+    reviews = reviews.sort_values("review_id")
+    assert list(reviews["review_id"]) == ["A1|P1", "A1|P2"]
+    assert reviews["text"].iloc[1] == "Bad. Broke in a week"  # summary + text
+    amounts = read_parquet(f"{run_dir}/ingest/transactions", Storage()).to_pandas()["amount"]
+    assert (amounts == 1.0).all()  # a review is a purchase of value 1

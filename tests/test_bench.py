@@ -1,0 +1,66 @@
+"""bench/cost.py: the billion-review estimate is arithmetic on a run's own timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO
+
+
+def _cost_module():
+    spec = importlib.util.spec_from_file_location("bench_cost", REPO / "bench" / "cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cost_scales_each_stage_by_its_measured_rate(tmp_path) -> None:
+    run = tmp_path / "run"
+    (run / "text/gbm_text_finetuned/embeddings").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"review_id": [f"R{i}" for i in range(400)]}),
+        run / "text/gbm_text_finetuned/embeddings/part-0.parquet",
+    )
+    (run / "text/finetune/enc/model").mkdir(parents=True)
+    (run / "text/finetune/enc/model/clvray_text.json").write_text(
+        json.dumps({"n_train_reviews": 80, "n_valid_reviews": 20, "text_config": {}})
+    )
+    metrics = {
+        "cutoff": "2023-10-01T00:00:00+00:00",
+        "counts": {"transactions": {"rows_in": 1200}, "reviews": {"rows_in": 400}},
+        "population": {"customers": 200},
+        "cluster": {"CPU": 4.0},
+        "timings_s": {
+            "ingest": 10.0,
+            "text/finetune": 5.0,
+            "text/gbm_text_finetuned/embed": 20.0,
+            "train/gbm_behavioural": 2.0,
+        },
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    cost = _cost_module()
+    stages, ratios = cost.stage_rates(run)
+    assert stages["ingest (validate, normalise)"] == (1600, "input rows", 10.0)
+    assert stages["tokenize + embed (finetuned)"] == (400, "reviews", 20.0)
+    assert stages["fine-tune (sample)"] == (100, "reviews", 5.0)
+    assert ratios["transactions_per_review"] == 3.0 and ratios["customers_per_review"] == 0.5
+
+    table = cost.estimate(run, reviews=1e6, vcpu_hour_usd=0.5, finetune_reviews=1000)
+    # embed: 400 reviews / 20 s / 4 vCPUs = 5 reviews per vCPU-s -> 1e6 / 5 / 3600 = 55.6 h
+    assert "| 5.0 | 1e+06 reviews | 56 | $28 |" in table
+    # ingest: 1600 rows / 10 s / 4 = 40 per vCPU-s; 1e6 reviews * (1 + 3) = 4e6 rows -> 27.8 h
+    assert "| 40.0 | 4e+06 input rows | 28 | $14 |" in table
+    # fine-tune: 100 / 5 / 4 = 5 per vCPU-s on the 1000-review sample -> 0.06 h
+    hours = 1e6 / 5 / 3600 + 4e6 / 40 / 3600 + 1000 / 5 / 3600 + 1e6 * 0.5 / 25 / 3600
+    assert f"**{hours:,.0f}**" in table
+    assert f"**${hours * 0.5:,.0f}**" in table
+
+
+def test_cost_refuses_a_run_without_metrics(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        _cost_module().stage_rates(tmp_path)
