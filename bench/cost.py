@@ -81,7 +81,13 @@ def stage_rates(run_dir: Path) -> tuple[dict, dict]:
     return {k: v for k, v in stages.items() if v[2]}, ratios
 
 
-def estimate(run_dir: Path, reviews: float, vcpu_hour_usd: float, finetune_reviews: float) -> str:
+def estimate(
+    run_dir: Path,
+    reviews: float,
+    vcpu_hour_usd: float,
+    finetune_reviews: float,
+    cluster_vcpus: int = 640,
+) -> str:
     stages, r = stage_rates(run_dir)
     vcpus = r["vcpus"] or 2.0
     scale = {
@@ -120,6 +126,11 @@ def estimate(run_dir: Path, reviews: float, vcpu_hour_usd: float, finetune_revie
         "the run measured is small, so per-stage fixed costs are counted as if they were per "
         "row: the estimate is an upper bound on compute.",
     ]
+    wall = (
+        f"\nOn a cluster of {cluster_vcpus:,} worker vCPUs (for example 20 `cpu_worker` nodes of "
+        f"32 vCPUs) that is about {total_h / cluster_vcpus:,.0f} hours of wall time, stages run "
+        "one after another.\n"
+    )
     return (
         f"Estimated by `python bench/cost.py --run {r['source']}` from that run's own stage "
         f"timings ({vcpus:g} vCPUs, no GPU). Assumptions:\n\n"
@@ -127,6 +138,7 @@ def estimate(run_dir: Path, reviews: float, vcpu_hour_usd: float, finetune_revie
         + "\n\n"
         + "\n".join(lines)
         + "\n"
+        + wall
     )
 
 
@@ -138,9 +150,12 @@ def main() -> int:
     p.add_argument("--reviews", type=float, default=1e9)
     p.add_argument("--vcpu-hour-usd", type=float, default=0.02)
     p.add_argument("--finetune-reviews", type=float, default=1e6)
+    p.add_argument("--cluster-vcpus", type=int, default=640)
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
-    body = estimate(args.run, args.reviews, args.vcpu_hour_usd, args.finetune_reviews)
+    body = estimate(
+        args.run, args.reviews, args.vcpu_hour_usd, args.finetune_reviews, args.cluster_vcpus
+    )
     print(body)
     readme = REPO / "README.md"
     text = readme.read_text()

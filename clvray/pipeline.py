@@ -261,7 +261,7 @@ def run_pipeline(cfg: Config) -> dict:
     if run.done("text/topics"):
         with run.timed("topics/profile"):
             metrics["topics"] = _topics_summary(run)
-    metrics["timings_s"] = run.timings
+    metrics["timings_s"] = {**_previous_timings(run), **run.timings}
     metrics["cluster"] = _cluster_resources()
     metrics["skipped_stages"] = run.skipped
     storage.write_json(join(run_dir, "metrics.json"), metrics)
@@ -276,6 +276,18 @@ def run_pipeline(cfg: Config) -> dict:
     if cfg.tracking.mlflow_uri:
         observability.log_to_mlflow(run_dir, cfg, metrics, storage, cfg.tracking.mlflow_uri)
     return metrics
+
+
+def _previous_timings(run: Run) -> dict[str, float]:
+    """Stage seconds of an earlier run of the same run directory, for the stages skipped now,
+    so metrics.json keeps what every stage cost when it ran."""
+    uri = join(run.run_dir, "metrics.json")
+    if not run.storage.exists(uri):
+        return {}
+    try:
+        return dict(run.storage.read_json(uri).get("timings_s") or {})
+    except ValueError:
+        return {}
 
 
 def _cluster_resources() -> dict:

@@ -103,6 +103,8 @@ def test_rerun_with_same_config_skips_every_stage(pipeline_run):
         "models/gbm_behavioural",
         "scores",
     } <= set(metrics["skipped_stages"])
+    # what the skipped stages cost when they ran is kept
+    assert {"ingest", "features", "text/finetune", "score"} <= set(metrics["timings_s"])
 
 
 def test_config_error_exits_with_the_key(capsys):
