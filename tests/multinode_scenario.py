@@ -11,6 +11,7 @@ prints one JSON line with what the test checks.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -85,20 +86,29 @@ def main(workdir: str, encoder: str, remove_node: bool) -> dict:
         .unique("node_id")
     )
     reviews = read_parquet(join(run_dir, "ingest", "reviews"), storage)
+    started = f"{workdir}/embedding-started"
+
+    def tag_and_pace(batch: pd.DataFrame) -> pd.DataFrame:
+        # Mark that embeddings flow, and pace the stage so that removing a node lands in the
+        # middle of it however fast the tiny encoder is on this machine.
+        open(started, "a").close()
+        time.sleep(0.3)
+        return tag_node(batch)
+
     embedded = embed_reviews(reviews, cfg.text.model, cfg.text, storage=storage).map_batches(
-        tag_node, batch_format="pandas"
+        tag_and_pace, batch_format="pandas", batch_size=16
     )
     removed = {}
     if remove_node:
-        # Remove a worker once the first embeddings exist: mid-run, whatever the timing.
+        # Remove a worker once the first embeddings flow: mid-run, whatever the timing.
         out_dir = f"{workdir}/embeddings"
 
         def remover() -> None:
             deadline = time.time() + 300
             while time.time() < deadline:
-                if any(storage.list_files(out_dir)) or removed.get("stop"):
+                if os.path.exists(started) or removed.get("stop"):
                     break
-                time.sleep(0.2)
+                time.sleep(0.1)
             if not removed.get("stop"):
                 cluster.remove_node(workers[1])
                 removed["at"] = time.time()

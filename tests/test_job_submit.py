@@ -37,12 +37,21 @@ def ray_head():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
+    # The session's own local Ray (other tests) already holds the default agent ports; a head
+    # whose dashboard agent cannot bind them never gets an agent ("No available agent").
+    agent_ports = [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+    ]
     subprocess.run(
         [
             str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
             "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
+            "--disable-usage-stats", *agent_ports,
         ],
         env=env, check=True, capture_output=True, timeout=180,
     )  # fmt: skip
