@@ -20,7 +20,7 @@ import pandas as pd
 from clvray import btyd, observability
 from clvray import evaluate as evaluation
 from clvray.config import Config
-from clvray.features import FEATURES, build_features, resolve_cutoff
+from clvray.features import FEATURES, build_features, categorical_columns, resolve_cutoff
 from clvray.ingest import ingest
 from clvray.io import read_parquet, write_parquet
 from clvray.report import write_report
@@ -193,7 +193,7 @@ def run_pipeline(cfg: Config) -> dict:
     btyd_error = run.info("btyd").get("error")
     btyd_fit = None if btyd_error else btyd.load(storage, btyd_dir)
     # Customer attributes (`cat_*`, from the customers table) are XGBoost categoricals.
-    base_features = list(FEATURES) + [c for c in customers.columns() if c.startswith("cat_")]
+    base_features = list(FEATURES) + categorical_columns(customers.columns())
     if cfg.features.btyd_features and btyd_fit is not None:
         customers = customers.map_batches(
             btyd.btyd_columns,

@@ -18,7 +18,6 @@ from clvray.text.topics import (
     assign_topics,
     customer_topic_shares,
     fit_topics,
-    load_centroids,
     topic_words,
 )
 
@@ -103,8 +102,7 @@ def run_topic_stage(run, reviews, embeddings_uri: str, variant: str) -> None:
     base = topics_dir(run.run_dir)
     with run.timed(stage):
         embeddings = read_parquet(embeddings_uri, storage)
-        fit_topics(embeddings, cfg.topics, storage, base)
-        centroids = load_centroids(storage, base)
+        centroids = fit_topics(embeddings, cfg.topics, storage, base)
         write_parquet(assign_topics(embeddings, centroids), join(base, "assignments"), storage)
         assignments = read_parquet(join(base, "assignments"), storage)
         names = topic_words(assignments, reviews, cfg.topics, cfg.num_partitions)
