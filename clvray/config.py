@@ -44,6 +44,9 @@ class RaySection(_Strict):
     """None: connect to `RAY_ADDRESS` if set (ray job submit), else start a local Ray."""
     num_cpus: int | None = None
     object_store_memory_mb: int | None = None
+    autoscaling: bool = False
+    """The cluster adds nodes on demand: skip the check that worker and actor counts fit the
+    resources present at start (`clvray.resources`)."""
 
 
 class SyntheticSection(_Strict):
@@ -123,10 +126,17 @@ class FinetuneSection(_Strict):
 
 class EmbedSection(_Strict):
     batch_size: int = Field(64, gt=0)
+    """Reviews per encoder call: 32-64 suits CPUs, 256+ a GPU (bf16)."""
     min_actors: int = Field(1, gt=0)
-    max_actors: int = Field(2, gt=0)
+    max_actors: int | None = Field(None, gt=0)
+    """None: as many as fit beside the feeding tasks (`clvray.resources.embed_actors`): the
+    GPUs / `num_gpus_per_actor`, or (CPUs - 1) / `cpus_per_actor` on a CPU cluster."""
     num_gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, gt=0)
+    """Torch threads per actor. None: the CPUs the actor holds, or on a one-node CPU cluster
+    the node's CPUs shared among the actors (Ray would otherwise set one thread per CPU held,
+    and the feeder's CPU would idle while the model runs)."""
     dtype: Literal["float16", "float32"] = "float32"
     reduce: Literal["none", "pca", "random"] = "pca"
     reduce_dim: int = Field(4, gt=0)

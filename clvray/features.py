@@ -11,12 +11,12 @@ count, and nothing row-level reaches the driver.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clvray.config import Config
 from clvray.io import read_parquet, write_parquet
@@ -47,7 +47,6 @@ FEATURES = [
     "days_since_last_review",
 ]
 LABELS = ["future_value", "future_purchases", "churned"]
-DAY = pd.Timedelta(days=1)
 CATEGORICAL_PREFIX = "cat_"
 """Columns named `cat_<attribute>` come from the customers table: strings, used as categorical
 features (XGBoost's native categorical splits), null for a customer the table lacks."""
@@ -64,18 +63,45 @@ def categorical_columns(columns: list[str]) -> list[str]:
     return [c for c in columns if c.startswith(CATEGORICAL_PREFIX)]
 
 
+def unit_hash(customer_ids) -> np.ndarray:
+    """A stable number in [0, 1) per customer id: FNV-1a over the id's UTF-8 bytes, then a
+    splitmix64 finaliser. Vectorised over Arrow's byte buffer (one numpy pass per byte
+    position, no Python per id); the same on every run, machine and Python version (unlike
+    Python's salted `hash`)."""
+    arr = pa.array(customer_ids, type=pa.string(), from_pandas=True)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = pc.fill_null(arr, "").cast(pa.binary())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
+    data = (
+        np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+        if arr.buffers()[2]
+        else np.empty(0, np.uint8)
+    )
+    starts = offsets[:-1].astype(np.int64)
+    lengths = (offsets[1:] - offsets[:-1]).astype(np.int64)
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    prime = np.uint64(0x100000001B3)
+    for j in range(int(lengths.max()) if n else 0):
+        live = lengths > j
+        idx = np.where(live, starts + j, 0)
+        byte = data[idx].astype(np.uint64) if len(data) else np.zeros(n, np.uint64)
+        h = np.where(live, (h ^ byte) * prime, h)
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return (h >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
 def split_of(
     customer_ids: pd.Series | list[str], valid_share: float, test_share: float
 ) -> np.ndarray:
-    """Stable split by a hash of `customer_id`: the same customer lands in the same split on
-    every run, machine and Python version (blake2b, not Python's salted `hash`)."""
-    u = np.array(
-        [
-            int.from_bytes(hashlib.blake2b(str(c).encode(), digest_size=8).digest(), "big") / 2**64
-            for c in customer_ids
-        ],
-        dtype="float64",
-    )
+    """Stable split by `unit_hash` of `customer_id`: the same customer lands in the same split
+    on every run and machine."""
+    u = unit_hash(customer_ids)
     return np.where(
         u < test_share, "test", np.where(u < test_share + valid_share, "valid", "train")
     )
@@ -108,98 +134,172 @@ def to_events(batch: pd.DataFrame, kind: str) -> pd.DataFrame:
     )
 
 
-def _events_block(batch: pd.DataFrame, kind: str) -> pa.Table:
-    # One fixed schema for both kinds: the shuffle concatenates their blocks.
-    return pa.Table.from_pandas(to_events(batch, kind), schema=EVENT_SCHEMA, preserve_index=False)
+def _events_block(batch: pa.Table, kind: str) -> pa.Table:
+    """Arrow-native `to_events`: the common event columns of a transactions or reviews block.
+    One fixed schema for both kinds: the shuffle concatenates their blocks."""
+    n = batch.num_rows
+
+    def column(name: str, typ: pa.DataType) -> pa.Array | pa.ChunkedArray:
+        if name in batch.column_names:
+            return pc.cast(batch[name], typ)
+        return pa.nulls(n, typ)
+
+    return pa.table(
+        {
+            "customer_id": column("customer_id", pa.string()),
+            "ts": column("ts", EVENT_SCHEMA.field("ts").type),
+            "order_id": column("order_id", pa.string()),
+            "amount": column("amount", pa.float64()) if kind == "t" else pa.array(np.zeros(n)),
+            "rating": column("rating", pa.float64()) if kind == "r" else pa.nulls(n, pa.float64()),
+            "kind": pa.repeat(pa.scalar(kind, pa.string()), n),
+        },
+        schema=EVENT_SCHEMA,
+    )
 
 
 def customer_features(
-    events: pd.DataFrame,
+    events: pd.DataFrame | pa.Table,
     cutoff: pd.Timestamp,
     horizon_days: int,
     valid_share: float = 0.15,
     test_share: float = 0.2,
 ) -> pd.DataFrame:
-    """Features and labels for every customer in `events` (all events of each customer).
+    """Features and labels for every customer in `events` (all events of each customer), one
+    row per customer sorted by `customer_id`.
 
-    Orders are the distinct `order_id`s with positive net value; the order's time is its
-    first line's time. Refunds are negative amounts. `frequency` is repeat orders
-    (n_orders - 1) and `recency_days` the age at the last order, as in the BTYD literature.
+    Orders are the distinct `order_id`s with positive gross value (the sum of their positive
+    lines); the order's time is its first line's time. Refunds are negative amounts.
+    `frequency` is repeat orders (n_orders - 1) and `recency_days` the age at the last order,
+    as in the BTYD literature. Vectorised: one polars plan over the whole block.
     """
-    cutoff = as_utc(cutoff)
-    horizon_end = cutoff + pd.Timedelta(days=horizon_days)
-    ts = pd.to_datetime(events["ts"], utc=True)
-    events = events.assign(ts=ts)
-    past = events[events["ts"] < cutoff]
-    future = events[(events["ts"] >= cutoff) & (events["ts"] < horizon_end)]
+    table = events if isinstance(events, pa.Table) else _events_table(events)
+    df = features_frame(table, cutoff, horizon_days, valid_share, test_share)
+    return _typed(df.to_pandas())
 
-    tx = past[past["kind"] == "t"]
+
+def _events_table(events: pd.DataFrame) -> pa.Table:
+    frame = events.assign(ts=pd.to_datetime(events["ts"], utc=True))
+    return pa.Table.from_pandas(
+        frame[EVENT_SCHEMA.names], schema=EVENT_SCHEMA, preserve_index=False
+    )
+
+
+def features_frame(
+    events: pa.Table,
+    cutoff: pd.Timestamp,
+    horizon_days: int,
+    valid_share: float = 0.15,
+    test_share: float = 0.2,
+):
+    """`customer_features` as a polars DataFrame (columns in `FEATURE_SCHEMA` order)."""
+    import polars as pl
+
+    ev = pl.from_arrow(events)
+    assert isinstance(ev, pl.DataFrame)
+    ev = ev.with_columns(pl.col("ts").dt.cast_time_unit("us").dt.convert_time_zone("UTC"))
+    tx = ev.filter(pl.col("kind") == "t").lazy()
+    rv = ev.filter(pl.col("kind") == "r").lazy()
+    out = feature_plan(tx, rv, as_utc(cutoff), horizon_days).collect()
+    split = split_of(out["customer_id"].to_arrow(), valid_share, test_share)
+    return out.with_columns(split=pl.Series(split, dtype=pl.String))
+
+
+def feature_plan(tx, rv, cutoff: pd.Timestamp, horizon_days: int):
+    """The polars plan of every feature and label: `tx` (customer_id, order_id, ts, amount)
+    and `rv` (customer_id, ts, rating) LazyFrames in, one row per customer out. The same plan
+    runs per block inside Ray (`customer_features`) and over a whole table in one process
+    (`bench/ingest_features.py`), so both compute exactly the same thing."""
+    import polars as pl
+
+    cut = pl.lit(cutoff.to_pydatetime()).dt.cast_time_unit("us")
+    horizon = pl.duration(days=horizon_days)
+    day_us = 86_400 * 1_000_000
+
+    def days(expr):
+        return expr.dt.total_microseconds().cast(pl.Float64) / day_us
+
+    past_tx = tx.filter(pl.col("ts") < cut)
+    # Ties in time are broken by order_id, so "the first order" never depends on row order.
     orders = (
-        tx.groupby(["customer_id", "order_id"], sort=False)
-        .agg(ts=("ts", "min"), value=("amount", "sum"), gross=("amount", lambda a: a[a > 0].sum()))
-        .reset_index()
+        past_tx.group_by("customer_id", "order_id")
+        .agg(
+            ts=pl.col("ts").min(),
+            value=pl.col("amount").sum(),
+            gross=pl.col("amount").clip(lower_bound=0.0).sum(),
+        )
+        .filter(pl.col("gross") > 0)
+        .sort("customer_id", "ts", "order_id")
+        .with_columns(
+            gap=days(pl.col("ts").diff().over("customer_id")),
+            rank=pl.int_range(pl.len()).over("customer_id"),
+        )
     )
-    orders = orders[orders["gross"] > 0].sort_values(["customer_id", "ts"])
-    if orders.empty:
-        return _empty_features()
-    g = orders.groupby("customer_id", sort=False)
-    first = g["ts"].min()
-    last = g["ts"].max()
-    out = pd.DataFrame({"n_orders": g.size()})
-    out["frequency"] = out["n_orders"] - 1
-    out["recency_days"] = (last - first) / DAY
-    out["T_days"] = (cutoff - first) / DAY
-    out["days_since_last"] = (cutoff - last) / DAY
-    out["monetary"] = g["value"].mean()
-    # Mean value of repeat orders (all but the first), the Gamma-Gamma convention; 0 with none.
-    rank = g.cumcount()
-    out["monetary_repeat"] = orders[rank > 0].groupby("customer_id")["value"].mean()
-    out["monetary_repeat"] = out["monetary_repeat"].fillna(0.0)
-    out["total_value"] = tx.groupby("customer_id")["amount"].sum()
-    recent = orders[orders["ts"] >= cutoff - pd.Timedelta(days=horizon_days)]
-    out["value_last_horizon"] = recent.groupby("customer_id")["value"].sum()
-    out["orders_last_horizon"] = recent.groupby("customer_id").size()
-    gaps = (
-        orders.assign(gap=g["ts"].diff() / DAY).dropna(subset=["gap"]).groupby("customer_id")["gap"]
+    recent = pl.col("ts") >= cut - horizon
+    per_customer = orders.group_by("customer_id").agg(
+        n_orders=pl.len().cast(pl.Float64),
+        first=pl.col("ts").min(),
+        last=pl.col("ts").max(),
+        monetary=pl.col("value").mean(),
+        monetary_repeat=pl.col("value").filter(pl.col("rank") > 0).mean(),
+        value_last_horizon=pl.col("value").filter(recent).sum(),
+        orders_last_horizon=recent.sum().cast(pl.Float64),
+        gap_mean_days=pl.col("gap").drop_nulls().mean(),
+        gap_std_days=pl.col("gap").drop_nulls().std(),
+        gap_max_days=pl.col("gap").drop_nulls().max(),
+        gap_last_days=pl.col("gap").drop_nulls().last(),
     )
-    out["gap_mean_days"] = gaps.mean()
-    out["gap_std_days"] = gaps.std()
-    out["gap_max_days"] = gaps.max()
-    out["gap_last_days"] = gaps.last()
-    refunds = tx[tx["amount"] < 0].groupby("customer_id")["amount"]
-    gross = tx[tx["amount"] > 0].groupby("customer_id")["amount"].sum()
-    out["refund_share"] = (-refunds.sum() / gross).reindex(out.index).fillna(0.0)
-    out["n_refunds"] = refunds.size()
-
-    rv = past[past["kind"] == "r"]
-    rg = rv.groupby("customer_id")
-    out["review_count"] = rg.size()
-    out["mean_rating"] = rg["rating"].mean()
-    out["min_rating"] = rg["rating"].min()
-    out["days_since_last_review"] = (cutoff - rg["ts"].max()) / DAY
-    for col in ("value_last_horizon", "orders_last_horizon", "n_refunds", "review_count"):
-        out[col] = out[col].fillna(0)
-
-    ftx = future[future["kind"] == "t"]
-    fut_orders = ftx.groupby(["customer_id", "order_id"])["amount"].sum()
-    fut_orders = fut_orders[fut_orders > 0].groupby("customer_id").size()
-    out["future_value"] = ftx.groupby("customer_id")["amount"].sum().reindex(out.index).fillna(0.0)
-    out["future_purchases"] = fut_orders.reindex(out.index).fillna(0).astype("int64")
-    out["churned"] = (out["future_purchases"] == 0).astype("int64")
-
-    out = out.reset_index()
-    out["split"] = split_of(out["customer_id"], valid_share, test_share)
-    return _typed(out)
-
-
-def _empty_features() -> pd.DataFrame:
-    cols = {"customer_id": pd.Series(dtype=object)}
-    cols.update({c: pd.Series(dtype="float64") for c in FEATURES})
-    cols.update(
-        {"future_value": pd.Series(dtype="float64"), "future_purchases": pd.Series(dtype="int64")}
+    lines = past_tx.group_by("customer_id").agg(
+        total_value=pl.col("amount").sum(),
+        refunds=-pl.col("amount").filter(pl.col("amount") < 0).sum(),
+        gross_lines=pl.col("amount").filter(pl.col("amount") > 0).sum(),
+        n_refunds=(pl.col("amount") < 0).sum().cast(pl.Float64),
     )
-    cols.update({"churned": pd.Series(dtype="int64"), "split": pd.Series(dtype=object)})
-    return pd.DataFrame(cols)
+    reviews = (
+        rv.filter(pl.col("ts") < cut)
+        .group_by("customer_id")
+        .agg(
+            review_count=pl.len().cast(pl.Float64),
+            mean_rating=pl.col("rating").cast(pl.Float64).mean(),
+            min_rating=pl.col("rating").cast(pl.Float64).min(),
+            last_review=pl.col("ts").max(),
+        )
+    )
+    future_tx = tx.filter((pl.col("ts") >= cut) & (pl.col("ts") < cut + horizon))
+    future = future_tx.group_by("customer_id").agg(future_value=pl.col("amount").sum())
+    future_orders = (
+        future_tx.group_by("customer_id", "order_id")
+        .agg(v=pl.col("amount").sum())
+        .filter(pl.col("v") > 0)
+        .group_by("customer_id")
+        .agg(future_purchases=pl.len().cast(pl.Int64))
+    )
+    return (
+        per_customer.join(lines, on="customer_id", how="left")
+        .join(reviews, on="customer_id", how="left")
+        .join(future, on="customer_id", how="left")
+        .join(future_orders, on="customer_id", how="left")
+        .with_columns(
+            frequency=pl.col("n_orders") - 1,
+            recency_days=days(pl.col("last") - pl.col("first")),
+            T_days=days(cut - pl.col("first")),
+            days_since_last=days(cut - pl.col("last")),
+            monetary_repeat=pl.col("monetary_repeat").fill_null(0.0),
+            refund_share=(pl.col("refunds") / pl.col("gross_lines")).fill_null(0.0),
+            days_since_last_review=days(cut - pl.col("last_review")),
+            review_count=pl.col("review_count").fill_null(0.0),
+            future_value=pl.col("future_value").fill_null(0.0),
+            future_purchases=pl.col("future_purchases").fill_null(0),
+        )
+        .with_columns(churned=(pl.col("future_purchases") == 0).cast(pl.Int64))
+        .select(
+            "customer_id",
+            *[pl.col(c).cast(pl.Float64) for c in FEATURES],
+            pl.col("future_value").cast(pl.Float64),
+            "future_purchases",
+            "churned",
+        )
+        .sort("customer_id")
+    )
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -209,9 +309,9 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _features_block(batch: pd.DataFrame, cutoff, horizon_days, valid_share, test_share) -> pa.Table:
-    df = customer_features(batch, cutoff, horizon_days, valid_share, test_share)
-    return pa.Table.from_pandas(df, preserve_index=False, schema=FEATURE_SCHEMA)
+def _features_block(batch: pa.Table, cutoff, horizon_days, valid_share, test_share) -> pa.Table:
+    df = features_frame(batch, cutoff, horizon_days, valid_share, test_share)
+    return df.to_arrow().cast(FEATURE_SCHEMA)
 
 
 FEATURE_SCHEMA = pa.schema(
@@ -245,7 +345,7 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
     `cat_*` column per attribute of the ingested customers table when there is one)."""
     f = cfg.features
     events = read_parquet(join(run_dir, "ingest", "transactions"), storage).map_batches(
-        _events_block, batch_format="pandas", fn_kwargs={"kind": "t"}
+        _events_block, batch_format="pyarrow", fn_kwargs={"kind": "t"}
     )
     reviews_uri = join(run_dir, "ingest", "reviews")
     if storage.exists(reviews_uri):
@@ -253,12 +353,12 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
             reviews_uri, storage, columns=["customer_id", "ts", "order_id", "rating"]
         )
         events = events.union(
-            reviews.map_batches(_events_block, batch_format="pandas", fn_kwargs={"kind": "r"})
+            reviews.map_batches(_events_block, batch_format="pyarrow", fn_kwargs={"kind": "r"})
         )
     customers = events.repartition(f.num_partitions, keys=["customer_id"]).map_batches(
         _features_block,
         batch_size=None,
-        batch_format="pandas",
+        batch_format="pyarrow",
         fn_kwargs={
             "cutoff": cutoff,
             "horizon_days": f.horizon_days,

@@ -24,6 +24,7 @@ from clvray.features import FEATURES, build_features, categorical_columns, resol
 from clvray.ingest import ingest
 from clvray.io import read_parquet, write_parquet
 from clvray.report import write_report
+from clvray.resources import check_fits
 from clvray.score import fit_segment_edges, score_customers
 from clvray.storage import Storage, join
 from clvray.synth import generate
@@ -153,6 +154,7 @@ def run_pipeline(cfg: Config) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = (
         os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
     )
+    check_fits(cfg)  # a worker or actor count that would wait forever fails before any work
     run = prepare_run(absolute_paths(cfg))
     cfg = _ensure_synthetic(run)
     run.cfg = cfg

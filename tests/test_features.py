@@ -90,3 +90,123 @@ def test_split_is_stable_and_shares_hold():
     assert shares["valid"] == pytest.approx(0.15, abs=0.01)
     # pinned values: a change of hash function would silently reshuffle every run's splits
     assert list(split_of(["C000000", "C000001", "C000002"], 0.15, 0.2)) == list(s1[:3])
+
+
+def _fnv_splitmix_reference(customer_id: str) -> float:
+    """Independent, per-id Python computation of `unit_hash` (FNV-1a 64 + splitmix64)."""
+    mask = 2**64 - 1
+    h = 0xCBF29CE484222325
+    for byte in customer_id.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & mask
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & mask
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & mask
+    h ^= h >> 31
+    return (h >> 11) / 2**53
+
+
+def test_unit_hash_matches_a_per_id_reference():
+    from clvray.features import unit_hash
+
+    ids = ["C000000", "", "12345", "ünïcødé-€", "a" * 300, "x"]
+    got = unit_hash(pd.Series(ids, dtype=object))
+    assert got.tolist() == [_fnv_splitmix_reference(c) for c in ids]
+    # a sliced Arrow array (non-zero offset) hashes the same as its values
+    import pyarrow as pa
+
+    assert unit_hash(pa.array(ids).slice(2)).tolist() == got[2:].tolist()
+
+
+def _pandas_reference(
+    events: pd.DataFrame, cutoff: pd.Timestamp, horizon_days: int
+) -> pd.DataFrame:
+    """The feature definitions written a second, independent way (pandas, as clvray computed
+    them before the polars plan), to check `customer_features` on random data."""
+    day = pd.Timedelta(days=1)
+    horizon_end = cutoff + pd.Timedelta(days=horizon_days)
+    past = events[events["ts"] < cutoff]
+    future = events[(events["ts"] >= cutoff) & (events["ts"] < horizon_end)]
+    tx = past[past["kind"] == "t"]
+    orders = (
+        tx.assign(gross=tx["amount"].clip(lower=0.0))
+        .groupby(["customer_id", "order_id"], sort=False)
+        .agg(ts=("ts", "min"), value=("amount", "sum"), gross=("gross", "sum"))
+        .reset_index()
+    )
+    orders = orders[orders["gross"] > 0].sort_values(["customer_id", "ts", "order_id"])
+    g = orders.groupby("customer_id", sort=False)
+    first, last = g["ts"].min(), g["ts"].max()
+    out = pd.DataFrame({"n_orders": g.size()})
+    out["frequency"] = out["n_orders"] - 1
+    out["recency_days"] = (last - first) / day
+    out["T_days"] = (cutoff - first) / day
+    out["days_since_last"] = (cutoff - last) / day
+    out["monetary"] = g["value"].mean()
+    rank = g.cumcount()
+    out["monetary_repeat"] = orders[rank > 0].groupby("customer_id")["value"].mean()
+    out["monetary_repeat"] = out["monetary_repeat"].fillna(0.0)
+    out["total_value"] = tx.groupby("customer_id")["amount"].sum()
+    recent = orders[orders["ts"] >= cutoff - pd.Timedelta(days=horizon_days)]
+    out["value_last_horizon"] = recent.groupby("customer_id")["value"].sum()
+    out["orders_last_horizon"] = recent.groupby("customer_id").size()
+    gaps = orders.assign(gap=g["ts"].diff() / day).dropna(subset=["gap"]).groupby("customer_id")
+    out["gap_mean_days"] = gaps["gap"].mean()
+    out["gap_std_days"] = gaps["gap"].std()
+    out["gap_max_days"] = gaps["gap"].max()
+    out["gap_last_days"] = gaps["gap"].last()
+    refunds = tx[tx["amount"] < 0].groupby("customer_id")["amount"]
+    gross = tx[tx["amount"] > 0].groupby("customer_id")["amount"].sum()
+    out["refund_share"] = (-refunds.sum() / gross).reindex(out.index).fillna(0.0)
+    out["n_refunds"] = refunds.size()
+    rg = past[past["kind"] == "r"].groupby("customer_id")
+    out["review_count"] = rg.size()
+    out["mean_rating"] = rg["rating"].mean()
+    out["min_rating"] = rg["rating"].min()
+    out["days_since_last_review"] = (cutoff - rg["ts"].max()) / day
+    for col in ("value_last_horizon", "orders_last_horizon", "n_refunds", "review_count"):
+        out[col] = out[col].fillna(0)
+    ftx = future[future["kind"] == "t"]
+    fut_orders = ftx.groupby(["customer_id", "order_id"])["amount"].sum()
+    fut_orders = fut_orders[fut_orders > 0].groupby("customer_id").size()
+    out["future_value"] = ftx.groupby("customer_id")["amount"].sum().reindex(out.index).fillna(0.0)
+    out["future_purchases"] = fut_orders.reindex(out.index).fillna(0).astype("int64")
+    out["churned"] = (out["future_purchases"] == 0).astype("int64")
+    return out.sort_index()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_features_equal_an_independent_pandas_computation(seed):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    customers = rng.integers(0, 300, n)
+    # Coarse times (whole days) make ties between orders, lines and the cutoff common.
+    days = rng.integers(-400, 120, n)
+    tx = pd.DataFrame(
+        {
+            "customer_id": [f"c{c}" for c in customers],
+            "order_id": [
+                f"o{c}-{k}" for c, k in zip(customers, rng.integers(0, 12, n), strict=True)
+            ],
+            "ts": CUTOFF + pd.to_timedelta(days, unit="D"),
+            "amount": np.round(rng.normal(20, 30, n), 2),  # a third negative: refunds
+        }
+    )
+    m = 800
+    rv = pd.DataFrame(
+        {
+            "customer_id": [f"c{c}" for c in rng.integers(0, 320, m)],
+            "ts": CUTOFF + pd.to_timedelta(rng.integers(-400, 60, m), unit="D"),
+            "rating": np.where(rng.random(m) < 0.2, np.nan, rng.integers(1, 6, m)),
+            "order_id": None,
+        }
+    )
+    events = pd.concat([to_events(tx, "t"), to_events(rv, "r")], ignore_index=True)
+    got = customer_features(events, CUTOFF, 90).set_index("customer_id")
+    want = _pandas_reference(events, CUTOFF, 90)
+    assert list(got.index) == sorted(want.index)
+    for c in [*FEATURES, "future_value", "future_purchases", "churned"]:
+        np.testing.assert_allclose(
+            got[c].to_numpy("float64"), want.loc[got.index, c].to_numpy("float64"),
+            rtol=1e-9, atol=1e-9, err_msg=c,
+        )  # fmt: skip

@@ -29,6 +29,7 @@ import torch
 
 from clvray.config import TextSection
 from clvray.contract import TS
+from clvray.resources import Cluster, embed_actors, embed_threads
 from clvray.storage import Storage
 from clvray.text.encoder import LoadedTextModel, load_text_model, pad_batch, pick_device, pick_dtype
 from clvray.text.partition import as_utc, before_cutoff, require_columns
@@ -55,7 +56,11 @@ class ReviewEncoder:
         use_gpu: bool = False,
         dtype: str = "float32",
         loader: Callable[[str], LoadedTextModel] = load_text_model,
+        torch_threads: int | None = None,
     ) -> None:
+        if torch_threads:
+            # Ray gives an actor one OpenMP thread per CPU it holds; the stage decides instead.
+            torch.set_num_threads(torch_threads)
         self.loaded = loader(resolve_model_path(model, storage))
         self.device = pick_device(use_gpu)
         encoder = self.loaded.model.encoder
@@ -132,6 +137,7 @@ def embed_reviews(
         batch_format="pyarrow",
     )
     use_gpu = emb.num_gpus_per_actor > 0
+    cluster = Cluster.current()
     return tokenized.map_batches(
         ReviewEncoder,
         fn_constructor_kwargs={
@@ -140,9 +146,10 @@ def embed_reviews(
             "use_gpu": use_gpu,
             "dtype": emb.dtype,
             "loader": loader or load_text_model,
+            "torch_threads": embed_threads(emb, cluster),
         },
         compute=ray.data.ActorPoolStrategy(
-            min_size=emb.min_actors, max_size=max(emb.max_actors, emb.min_actors)
+            min_size=emb.min_actors, max_size=embed_actors(emb, cluster)
         ),
         num_gpus=emb.num_gpus_per_actor if use_gpu else None,
         num_cpus=emb.cpus_per_actor,
