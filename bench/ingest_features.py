@@ -37,14 +37,18 @@ HORIZON_DAYS = 90
 TX_PER_CUSTOMER = 6.25  # measured on the synthetic generator's defaults (2.5M for 400k)
 
 
+BASE_CUSTOMERS = 40_000
+"""Customers generated once; larger sizes are copies of them under other ids (the generator
+runs Python per order, too slow for 10^7 rows; the copies cost only parquet writes)."""
+
+
 def generate_data(n_transactions: int, root: Path) -> Path:
-    """Synthetic data of about `n_transactions` rows, cached under `root` by size."""
+    """Synthetic data of about `n_transactions` rows, cached under `root` by size: the
+    generator's customers, copied under new ids (`K0001-C...`) as many times as needed, each
+    copy its own parquet files (as data at scale arrives: many files)."""
     out = root / f"tx{n_transactions}"
     if (out / "_SUCCESS.json").exists():
         return out
-    n_customers = max(200, int(n_transactions / TX_PER_CUSTOMER))
-    # ~250k transactions per file: many read tasks, as parquet at scale arrives.
-    per_task = max(100, min(n_customers, 40_000))
     result, _ = run_child(
         [
             "bench/ingest_features.py",
@@ -52,10 +56,8 @@ def generate_data(n_transactions: int, root: Path) -> Path:
             "generate",
             "--data",
             str(out),
-            "--n-customers",
-            str(n_customers),
-            "--per-task",
-            str(per_task),
+            "--n-transactions",
+            str(n_transactions),
         ]
     )
     (out / "_SUCCESS.json").write_text(json.dumps(result))
@@ -63,15 +65,44 @@ def generate_data(n_transactions: int, root: Path) -> Path:
 
 
 def _generate_child(args) -> dict:
-    import ray
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     from clvray.config import SyntheticSection
-    from clvray.storage import Storage
-    from clvray.synth import generate
+    from clvray.contract import REVIEWS, TRANSACTIONS
+    from clvray.synth import generate_chunk
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    cfg = SyntheticSection(n_customers=args.n_customers, customers_per_task=args.per_task)
-    return generate(cfg, str(args.data), Storage())
+    n_customers = max(200, min(BASE_CUSTOMERS, int(args.n_transactions / TX_PER_CUSTOMER)))
+    chunk = generate_chunk(
+        0, SyntheticSection(n_customers=n_customers, customers_per_task=n_customers)
+    )
+    base = {
+        "transactions": pa.Table.from_pandas(
+            chunk["transactions"][TRANSACTIONS.names], schema=TRANSACTIONS, preserve_index=False
+        ),
+        "reviews": pa.Table.from_pandas(
+            chunk["reviews"][REVIEWS.names], schema=REVIEWS, preserve_index=False
+        ),
+    }
+    copies = max(1, round(args.n_transactions / base["transactions"].num_rows))
+    counts = {"transactions": 0, "reviews": 0, "copies": copies, "base_customers": n_customers}
+    id_columns = {
+        "transactions": ["customer_id", "order_id"],
+        "reviews": ["customer_id", "review_id", "order_id"],
+    }
+    for name, tbl in base.items():
+        folder = Path(args.data) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            copy = tbl
+            for col in id_columns[name]:
+                i = copy.schema.get_field_index(col)
+                prefixed = pc.binary_join_element_wise(f"K{k:04d}", copy[col], "-")
+                copy = copy.set_column(i, col, prefixed)
+            pq.write_table(copy, folder / f"part-{k:05d}.parquet")
+            counts[name] += copy.num_rows
+    return counts
 
 
 def _spilled_mib() -> float:
@@ -277,8 +308,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     ap.add_argument("--child", choices=["generate", "clvray", "polars"])
     ap.add_argument("--data")
-    ap.add_argument("--n-customers", type=int)
-    ap.add_argument("--per-task", type=int)
+    ap.add_argument("--n-transactions", type=int)
     args = ap.parse_args(argv)
     if args.child:
         fn = {"generate": _generate_child, "clvray": _clvray_child, "polars": _polars_child}

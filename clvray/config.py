@@ -89,7 +89,10 @@ class FeaturesSection(_Strict):
     valid_share: float = Field(0.15, gt=0, lt=1)
     test_share: float = Field(0.2, gt=0, lt=1)
     num_partitions: int = Field(8, gt=0)
-    """Hash partitions of the customer shuffle; raise with the row count (~1M rows each)."""
+    """Customer buckets of the features stage (at least; see `rows_per_partition`) and hash
+    partitions of the joins by customer."""
+    rows_per_partition: int = Field(1_000_000, gt=0)
+    """Events per customer bucket: more rows, more buckets, so a task's memory stays bounded."""
     btyd_features: bool = True
     """Give the GBMs the train-fitted BG/NBD + Gamma-Gamma predictions (P(alive), expected
     purchases and value over the horizon) as features (`clvray.btyd`)."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clvray.config import Config
-from clvray.io import read_parquet, write_parquet
+from clvray.io import count_rows, read_parquet, write_parquet
 from clvray.storage import Storage, join
 
 SPLITS = ("train", "valid", "test")
@@ -134,29 +134,6 @@ def to_events(batch: pd.DataFrame, kind: str) -> pd.DataFrame:
     )
 
 
-def _events_block(batch: pa.Table, kind: str) -> pa.Table:
-    """Arrow-native `to_events`: the common event columns of a transactions or reviews block.
-    One fixed schema for both kinds: the shuffle concatenates their blocks."""
-    n = batch.num_rows
-
-    def column(name: str, typ: pa.DataType) -> pa.Array | pa.ChunkedArray:
-        if name in batch.column_names:
-            return pc.cast(batch[name], typ)
-        return pa.nulls(n, typ)
-
-    return pa.table(
-        {
-            "customer_id": column("customer_id", pa.string()),
-            "ts": column("ts", EVENT_SCHEMA.field("ts").type),
-            "order_id": column("order_id", pa.string()),
-            "amount": column("amount", pa.float64()) if kind == "t" else pa.array(np.zeros(n)),
-            "rating": column("rating", pa.float64()) if kind == "r" else pa.nulls(n, pa.float64()),
-            "kind": pa.repeat(pa.scalar(kind, pa.string()), n),
-        },
-        schema=EVENT_SCHEMA,
-    )
-
-
 def customer_features(
     events: pd.DataFrame | pa.Table,
     cutoff: pd.Timestamp,
@@ -200,8 +177,14 @@ def features_frame(
     tx = ev.filter(pl.col("kind") == "t").lazy()
     rv = ev.filter(pl.col("kind") == "r").lazy()
     out = feature_plan(tx, rv, as_utc(cutoff), horizon_days).collect()
-    split = split_of(out["customer_id"].to_arrow(), valid_share, test_share)
-    return out.with_columns(split=pl.Series(split, dtype=pl.String))
+    return _with_split(out, valid_share, test_share)
+
+
+def _with_split(frame, valid_share: float, test_share: float):
+    import polars as pl
+
+    split = split_of(frame["customer_id"].to_arrow(), valid_share, test_share)
+    return frame.with_columns(split=pl.Series(split, dtype=pl.String))
 
 
 def feature_plan(tx, rv, cutoff: pd.Timestamp, horizon_days: int):
@@ -309,11 +292,6 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _features_block(batch: pa.Table, cutoff, horizon_days, valid_share, test_share) -> pa.Table:
-    df = features_frame(batch, cutoff, horizon_days, valid_share, test_share)
-    return df.to_arrow().cast(FEATURE_SCHEMA)
-
-
 FEATURE_SCHEMA = pa.schema(
     [("customer_id", pa.string())]
     + [(c, pa.float64()) for c in FEATURES]
@@ -340,26 +318,119 @@ def as_utc(ts) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
+STAGED = {
+    "transactions": pa.schema(
+        [
+            ("customer_id", pa.string()),
+            ("order_id", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("amount", pa.float64()),
+        ]
+    ),
+    "reviews": pa.schema(
+        [
+            ("customer_id", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("rating", pa.float64()),
+        ]
+    ),
+}
+"""What the feature plan reads of each ingested table, as staged by customer bucket."""
+
+
+def customer_bucket(customer_ids, n_buckets: int) -> np.ndarray:
+    """Bucket of each customer in [0, n_buckets): every event of a customer, in any table,
+    lands in the same bucket (a hash of the id, independent of the split's thresholds)."""
+    return (np.floor(unit_hash(customer_ids) * 2**20).astype(np.int64) % n_buckets).astype(np.int32)
+
+
+def _stage_block(batch: pa.Table, table: str, n_buckets: int) -> pa.Table:
+    schema = STAGED[table]
+    cols = {f.name: pc.cast(batch[f.name], f.type) for f in schema}
+    cols["bucket"] = pa.array(customer_bucket(batch["customer_id"], n_buckets))
+    return pa.table(cols)
+
+
+def _read_bucket(uri: str, bucket: int, schema: pa.Schema, storage: Storage) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem(join(uri, f"bucket={bucket}"))
+    files = [f for f in storage.list_files(join(uri, f"bucket={bucket}")) if f.endswith(".parquet")]
+    if not files:
+        return schema.empty_table()
+    return pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table()
+
+
+def _bucket_features(
+    batch: pa.Table,
+    staged: str,
+    storage: Storage,
+    cutoff: pd.Timestamp,
+    horizon_days: int,
+    valid_share: float,
+    test_share: float,
+) -> pa.Table:
+    """Features of every customer of the buckets in `batch` (one bucket per task): reads the
+    bucket's transactions and reviews, runs the feature plan, returns one row per customer."""
+    import polars as pl
+
+    parts = []
+    for bucket in batch["bucket"].to_pylist():
+        tx = _read_bucket(join(staged, "transactions"), bucket, STAGED["transactions"], storage)
+        rv = _read_bucket(join(staged, "reviews"), bucket, STAGED["reviews"], storage)
+        frame = pl.from_arrow(tx)
+        reviews = pl.from_arrow(rv)
+        assert isinstance(frame, pl.DataFrame) and isinstance(reviews, pl.DataFrame)
+        out = feature_plan(frame.lazy(), reviews.lazy(), as_utc(cutoff), horizon_days).collect()
+        parts.append(_with_split(out, valid_share, test_share).to_arrow().cast(FEATURE_SCHEMA))
+    return pa.concat_tables(parts) if parts else FEATURE_SCHEMA.empty_table()
+
+
+def feature_buckets(rows: int, cfg_features) -> int:
+    """Customer buckets of the features stage: at least `num_partitions`, and enough that a
+    bucket holds about `rows_per_partition` events, so a task's memory does not grow with the
+    data."""
+    return max(cfg_features.num_partitions, -(-rows // cfg_features.rows_per_partition))
+
+
 def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Timestamp):
     """Write `features/customers` (one row per customer, features + labels + split, and a
-    `cat_*` column per attribute of the ingested customers table when there is one)."""
+    `cat_*` column per attribute of the ingested customers table when there is one).
+
+    No shuffle: each ingested table is staged once under `features/_staged/<table>/bucket=k/`
+    (every block writes its rows of each bucket, a map-side partitioned write), then one task
+    per bucket reads that bucket's transactions and reviews and runs the feature plan. Cost:
+    one read and one write of the events plus one read; memory per task is one bucket.
+    """
+    import ray.data
+
     f = cfg.features
-    events = read_parquet(join(run_dir, "ingest", "transactions"), storage).map_batches(
-        _events_block, batch_format="pyarrow", fn_kwargs={"kind": "t"}
+    staged = join(run_dir, "features", "_staged")
+    storage.delete_dir(staged)
+    rows = 0
+    tables = {}
+    for table in ("transactions", "reviews"):
+        uri = join(run_dir, "ingest", table)
+        if storage.exists(uri):
+            tables[table] = uri
+            rows += count_rows(uri, storage)
+    n_buckets = feature_buckets(rows, f)
+    for table, uri in tables.items():
+        staged_ds = read_parquet(uri, storage, columns=STAGED[table].names).map_batches(
+            _stage_block, batch_format="pyarrow", fn_kwargs={"table": table, "n_buckets": n_buckets}
+        )
+        fs, path = storage.filesystem(join(staged, table))
+        staged_ds.write_parquet(path, filesystem=fs, partition_cols=["bucket"])
+    buckets = ray.data.from_items(
+        [{"bucket": b} for b in range(n_buckets)], override_num_blocks=n_buckets
     )
-    reviews_uri = join(run_dir, "ingest", "reviews")
-    if storage.exists(reviews_uri):
-        reviews = read_parquet(
-            reviews_uri, storage, columns=["customer_id", "ts", "order_id", "rating"]
-        )
-        events = events.union(
-            reviews.map_batches(_events_block, batch_format="pyarrow", fn_kwargs={"kind": "r"})
-        )
-    customers = events.repartition(f.num_partitions, keys=["customer_id"]).map_batches(
-        _features_block,
-        batch_size=None,
+    customers = buckets.map_batches(
+        _bucket_features,
+        batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={
+            "staged": staged,
+            "storage": storage,
             "cutoff": cutoff,
             "horizon_days": f.horizon_days,
             "valid_share": f.valid_share,
@@ -369,6 +440,7 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
     customers = _with_customer_attributes(customers, storage, run_dir, f.num_partitions)
     out = join(run_dir, "features", "customers")
     write_parquet(customers, out, storage)
+    storage.delete_dir(staged)
     return out
 
 

@@ -210,3 +210,44 @@ def test_features_equal_an_independent_pandas_computation(seed):
             got[c].to_numpy("float64"), want.loc[got.index, c].to_numpy("float64"),
             rtol=1e-9, atol=1e-9, err_msg=c,
         )  # fmt: skip
+
+
+def test_build_features_on_ray_equals_one_pass_over_all_events(ray_local, tmp_path):
+    """The bucketed stage (staged by customer hash, one task per bucket) gives every customer
+    exactly once, with the values of one `customer_features` call over all events."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clvray.config import SyntheticSection, load_config
+    from clvray.contract import REVIEWS, TRANSACTIONS
+    from clvray.features import build_features
+    from clvray.storage import Storage
+    from clvray.synth import generate_chunk
+
+    chunk = generate_chunk(0, SyntheticSection(n_customers=400, customers_per_task=400))
+    run_dir = tmp_path / "run"
+    for name, schema in (("transactions", TRANSACTIONS), ("reviews", REVIEWS)):
+        folder = run_dir / "ingest" / name
+        folder.mkdir(parents=True)
+        table = pa.Table.from_pandas(chunk[name][schema.names], schema=schema, preserve_index=False)
+        for i in range(3):  # several files: several blocks write into each bucket
+            pq.write_table(
+                table.slice(i * len(table) // 3, len(table) // 3 + 1), folder / f"p{i}.parquet"
+            )
+    cutoff = pd.Timestamp("2023-06-01", tz="UTC")
+    # 3 buckets at least; ~1,000 events per bucket makes more of them.
+    cfg = load_config(None, ["features.num_partitions=3", "features.rows_per_partition=1000"])
+    build_features(cfg, Storage(), str(run_dir), cutoff)
+    got = pq.read_table(run_dir / "features" / "customers").to_pandas()
+    assert not (run_dir / "features" / "_staged").exists()
+    ingested = {
+        n: pq.read_table(run_dir / "ingest" / n).to_pandas() for n in ("transactions", "reviews")
+    }
+    events = pd.concat(
+        [to_events(ingested["transactions"], "t"), to_events(ingested["reviews"], "r")],
+        ignore_index=True,
+    )
+    want = customer_features(events, cutoff, 90)
+    got = got.sort_values("customer_id").reset_index(drop=True)
+    assert got["customer_id"].is_unique and len(got) == len(want) > 300
+    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
