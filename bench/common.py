@@ -144,6 +144,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v) -> str:
         if v is None:
             return "–"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         if isinstance(v, float):
             return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
         if isinstance(v, int):

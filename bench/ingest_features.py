@@ -108,9 +108,10 @@ def _generate_child(args) -> dict:
 def _spilled_mib() -> float:
     """Object-store bytes spilled to disk during this Ray session (Ray's memory summary)."""
     try:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:
         return float("nan")
     m = re.search(r"Spilled (\d+) MiB", text)
