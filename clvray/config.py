@@ -146,12 +146,25 @@ class EmbedSection(_Strict):
     """Dimensions kept of each mean embedding. With ~1,300 train customers 4 beat 8 and 16
     (more dimensions gave XGBoost more noise to split on); raise it with more customers."""
     recency_half_life_days: float = Field(90.0, gt=0)
+    tokenize_cpus: float = Field(0.25, gt=0)
+    """CPUs each tokenization task asks for (fast tokenizers cost a few percent of encoding).
+    Must differ from `cpus_per_actor`: equal resources make Ray fuse tokenization into the
+    actors."""
     tokenize_batch_size: int = Field(1024, gt=0)
     """Rows per CPU tokenization task; rows are sorted by length inside it, so the model batches
     cut from it carry little padding."""
     reduce_fit_rows: int = Field(50_000, gt=0)
     """At most this many train customers (a hash sample) go to the driver to fit the reduction."""
     reduce_seed: int = 0
+
+    @model_validator(mode="after")
+    def _tokenize_apart(self) -> EmbedSection:
+        if self.tokenize_cpus == self.cpus_per_actor and self.num_gpus_per_actor == 0:
+            raise ValueError(
+                "tokenize_cpus must differ from cpus_per_actor (equal resources make Ray fuse "
+                "tokenization into the encoder actors)"
+            )
+        return self
 
 
 class TopicsSection(_Strict):

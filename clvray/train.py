@@ -247,6 +247,10 @@ def train_models(
     valid_ds = customers.map_batches(
         _split, batch_format="pandas", fn_kwargs={"split": "valid", "columns": columns}
     )
+    # Materialized before the trainer starts: workers that hold every CPU would otherwise wait
+    # forever for the map tasks feeding their shards (2 workers of 1 CPU on a 2-CPU node).
+    # One row per customer and only the model's columns: bounded by the customer count.
+    train_ds, valid_ds = train_ds.materialize(), valid_ds.materialize()
     categories = fit_categories(train_ds, categorical_columns(features))
     params = model_params(cfg, seed)
     fs, storage_path = storage.filesystem(join(run_dir, "ray_train"))

@@ -454,10 +454,14 @@ def test_embed_two_actors_embed_every_review_before_the_cutoff_exactly_once(
     cfg.embed = cfg.embed.model_copy(
         update={"min_actors": 2, "max_actors": 2, "batch_size": 16, "dtype": "float16"}
     )
-    refs = embed_reviews(
+    embedded = embed_reviews(
         _ds(reviews, 4), tiny_encoder, cfg, cutoff=CUTOFF, loader=counting_loader
-    ).to_arrow_refs()
+    )
+    refs = embedded.to_arrow_refs()
     table = pa.concat_tables(ray.get(refs))
+    # Tokenization stays a CPU-task operator ahead of the actors, not fused into them.
+    stats = embedded.stats()
+    assert "MapBatches(tokenize_reviews)" in stats and "tokenize_reviews)->" not in stats
     assert table.num_rows == len(expected) > 3 * cfg.embed.batch_size
     assert sorted(table["review_id"].to_pylist()) == sorted(
         expected

@@ -2,9 +2,10 @@
 
 Tokenization runs in plain CPU tasks ahead of the encoder actors, so GPU actors never wait on
 Python string work, and each tokenization block is sorted by length so the encoder batches cut
-from it carry little padding. (On a CPU-only pool Ray fuses the tokenization into the actors,
-whose resources then match: one object-store hop less; with `num_gpus_per_actor > 0` the two
-stay separate operators.) The encoder is loaded once per actor (`ReviewEncoder.__init__`) and
+from it carry little padding. Tokenize tasks ask for `embed.tokenize_cpus` (not the actors'
+CPUs), which keeps them a separate operator: Ray would otherwise fuse them into the actors and
+the model would wait on string work. Torch threads per actor: `clvray.resources.embed_threads`.
+The encoder is loaded once per actor (`ReviewEncoder.__init__`) and
 runs under `torch.inference_mode()`, its weights in bf16 on GPUs that support it.
 
 Output rows (one per input review before the cutoff, none dropped or duplicated):
@@ -135,6 +136,9 @@ def embed_reviews(
         },
         batch_size=emb.tokenize_batch_size,
         batch_format="pyarrow",
+        # Resources unlike the actors' keep tokenization a separate operator (Ray fuses maps
+        # with equal resources into the actor), so the encoder never waits on string work.
+        num_cpus=emb.tokenize_cpus,
     )
     use_gpu = emb.num_gpus_per_actor > 0
     cluster = Cluster.current()
