@@ -133,7 +133,7 @@ def _clvray_child(args) -> dict:
             f"data.transactions={args.data}/transactions",
             f"data.reviews={args.data}/reviews",
             f"run.storage={args.out}",
-            "run.run_id=clvray",
+            f"run.run_id=clvray{args.nodes or ''}",
             "text.enabled=false",
             f"features.cutoff={CUTOFF}",
             f"features.horizon_days={HORIZON_DAYS}",
@@ -141,13 +141,32 @@ def _clvray_child(args) -> dict:
         ],
     )
     cfg = absolute_paths(cfg)
+    cluster = None
     with Timer() as start:
-        connect_ray(cfg)
+        if args.nodes:
+            # A simulated cluster on this machine: a head with no CPU and `nodes` workers
+            # sharing the CPUs, so every task runs on a worker node.
+            import ray
+            from ray.cluster_utils import Cluster
+
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+            for _ in range(args.nodes):
+                cluster.add_node(num_cpus=max(1, args.num_cpus // args.nodes))
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+        else:
+            connect_ray(cfg)
     run = prepare_run(cfg)
     with Timer() as t_ingest:
         counts = ingest(cfg, run.storage, run.run_dir)
     with Timer() as t_features:
         build_features(cfg, run.storage, run.run_dir, pd.Timestamp(CUTOFF, tz="UTC"))
+    spilled = _spilled_mib()
+    if cluster is not None:  # stop the processes this child started
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
     return {
         "ray_start_s": start.seconds,
         "ingest_s": t_ingest.seconds,
@@ -155,8 +174,8 @@ def _clvray_child(args) -> dict:
         "rows_in": counts["transactions"]["rows_in"] + counts["reviews"]["rows_in"],
         "rows_rejected": counts["transactions"]["rows_rejected"]
         + counts["reviews"]["rows_rejected"],
-        "spilled_mib": _spilled_mib(),
-        "features_uri": f"{args.out}/clvray/features/customers",
+        "spilled_mib": spilled,
+        "features_uri": f"{args.out}/clvray{args.nodes or ''}/features/customers",
     }
 
 
@@ -242,7 +261,9 @@ def compare_features(clvray_uri: str, polars_uri: str) -> dict:
     return {"customers": len(a), "equal": not mismatched, "mismatched": mismatched}
 
 
-def bench_size(n: int, data_root: Path, work: Path, num_cpus: int, keep: Path) -> dict:
+def bench_size(
+    n: int, data_root: Path, work: Path, num_cpus: int, keep: Path, cluster_nodes: int = 0
+) -> dict:
     data = generate_data(n, data_root)
     gen = json.loads((data / "_SUCCESS.json").read_text())
     shutil.rmtree(work, ignore_errors=True)
@@ -250,6 +271,25 @@ def bench_size(n: int, data_root: Path, work: Path, num_cpus: int, keep: Path) -
     c, c_mem = run_child(["bench/ingest_features.py", "--child", "clvray", *common])
     p, p_mem = run_child(["bench/ingest_features.py", "--child", "polars", *common])
     check = compare_features(c["features_uri"], p["features_uri"])
+    nodes = {}
+    if cluster_nodes:
+        k, k_mem = run_child(
+            [
+                "bench/ingest_features.py",
+                "--child",
+                "clvray",
+                *common,
+                "--nodes",
+                str(cluster_nodes),
+            ]
+        )
+        same = compare_features(k["features_uri"], c["features_uri"])
+        nodes = {
+            "cluster_nodes": cluster_nodes,
+            "cluster_total_s": round(k["ingest_s"] + k["features_s"], 2),
+            "cluster_peak_gib": k_mem,
+            "cluster_same_values": same["equal"],
+        }
     rows = gen["transactions"] + gen["reviews"]
     kept = keep / f"tx{n}"
     shutil.rmtree(kept, ignore_errors=True)
@@ -276,6 +316,7 @@ def bench_size(n: int, data_root: Path, work: Path, num_cpus: int, keep: Path) -
         "ratio": round(c_total / p_total, 2),
         "same_values": check["equal"],
         "mismatched": check["mismatched"],
+        **nodes,
     }
 
 
@@ -310,6 +351,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--child", choices=["generate", "clvray", "polars"])
     ap.add_argument("--data")
     ap.add_argument("--n-transactions", type=int)
+    ap.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        help="also run clvray on a simulated cluster of this many worker nodes (ray.cluster_utils)",
+    )
+    ap.add_argument("--nodes", type=int, default=0, help="(child) simulated worker nodes")
     args = ap.parse_args(argv)
     if args.child:
         fn = {"generate": _generate_child, "clvray": _clvray_child, "polars": _polars_child}
