@@ -49,3 +49,35 @@ def test_xgb_quick_gives_the_same_metrics(tmp_path):
     assert 0.5 < single["churn_auc"] <= 1 and 0 < single["gini"] <= 1
     # Same data, params and split; the distributed histograms differ only slightly.
     assert trainer["auc_rel_diff"] < 0.05 and trainer["gini_rel_diff"] < 0.05
+
+
+@pytest.mark.slow
+def test_finetune_quick_runs_both_sides_on_the_same_reviews(tmp_path, tiny_encoder):
+    trainer, loop = _bench("finetune").main(
+        ["--quick", "--model", tiny_encoder, "--num-cpus", "2", "--work", str(tmp_path)]
+    )
+    assert trainer["reviews"] == loop["reviews"] > 50
+    assert trainer["samples_per_s"] > 0 and loop["samples_per_s"] > 0
+
+
+def test_performance_section_is_generated_from_results_files(tmp_path, monkeypatch):
+    common = _bench("common")
+    perf = _bench("perf_readme")
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"data": "synthetic", "reviews": 64, "a_clvray_per_s": 10.0, "b_loop_per_s": 20.0}
+    (results / "embed.json").write_text(
+        '{"name": "embed", "date": "2026-11-30", "command": "python bench/embed.py",'
+        ' "machine": {"cpu": "CPU X", "cores": 2, "ram_gib": 24, "gpu": null},'
+        f' "rows": [{__import__("json").dumps(row)}]}}'
+    )
+    monkeypatch.setattr(perf, "RESULTS", results)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\n## Performance\n\n<!-- performance:start -->\nold\n<!-- performance:end -->\n"
+    )
+    perf.update_readme(readme)
+    text = readme.read_text()
+    assert "old" not in text and "CPU X, 2 cores, 24 GiB RAM, no GPU" in text
+    assert "| synthetic | 64 | 10 | 20 |" in text
+    assert common.table([{"a": True}], ["a"]).endswith("| yes |")
