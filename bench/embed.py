@@ -86,6 +86,10 @@ def _clvray_child(args) -> dict:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = TextSection(model=args.model, max_length_tokens=args.max_length_tokens)
+    if args.gpu:
+        cfg.embed = cfg.embed.model_copy(
+            update={"num_gpus_per_actor": 1.0, "batch_size": args.batch_size, "min_actors": 1}
+        )
     storage = Storage()
     with Timer() as t:
         ds = ray.data.read_parquet(args.data)
@@ -102,19 +106,21 @@ def _clvray_child(args) -> dict:
     return {"startup_s": start.seconds, "pass_s": t.seconds, "reviews": n, "emb": str(emb_path)}
 
 
-def _load(model: str, threads: int):
+def _load(model: str, threads: int, gpu: bool = False):
     import torch
 
     from clvray.storage import Storage
-    from clvray.text.encoder import load_text_model
+    from clvray.text.encoder import load_text_model, pick_device, pick_dtype
     from clvray.text.source import resolve_cached
     from clvray.text.tokens import load_tokenizer
 
     torch.set_num_threads(threads)
     path = resolve_cached(model, Storage())
     loaded = load_text_model(path)
+    device = pick_device(gpu)
+    loaded.model.encoder.to(device=device, dtype=pick_dtype(device))
     loaded.model.eval()
-    return loaded, load_tokenizer(path)
+    return loaded, load_tokenizer(path), device
 
 
 def _loop_child(args) -> dict:
@@ -127,7 +133,7 @@ def _loop_child(args) -> dict:
     from clvray.text.encoder import pad_batch
 
     with Timer() as start:
-        loaded, tok = _load(args.model, args.num_cpus)
+        loaded, tok, device = _load(args.model, args.num_cpus, args.gpu)
     tbl = pads.dataset(args.data).to_table(columns=["review_id", "text"])
     texts = tbl["text"].to_pylist()
     pad_id = int(getattr(loaded.tokenizer, "pad_token_id", None) or 0)
@@ -140,8 +146,8 @@ def _loop_child(args) -> dict:
                 for s in range(0, len(order), args.batch_size):
                     idx = order[s : s + args.batch_size]
                     input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
-                    pooled, _ = loaded.model(input_ids, mask)
-                    out[idx] = pooled.float().numpy()
+                    pooled, _ = loaded.model(input_ids.to(device), mask.to(device))
+                    out[idx] = pooled.float().cpu().numpy()
         emb_path = Path(args.out) / "loop.parquet"
         pq.write_table(
             pa.table(
@@ -164,7 +170,7 @@ def _loop_child(args) -> dict:
     with Timer() as t, torch.inference_mode():
         for text in subset:
             input_ids, mask = pad_batch(tok.encode([text], args.max_length_tokens), pad_id)
-            loaded.model(input_ids, mask)
+            loaded.model(input_ids.to(device), mask.to(device))[0].cpu()
     return {"startup_s": start.seconds, "pass_s": t.seconds, "reviews": len(subset)}
 
 
@@ -187,7 +193,7 @@ def bench_kind(kind: str, args, work: Path) -> dict:
         "--data", str(data), "--out", str(work), "--model", args.model,
         "--num-cpus", str(args.num_cpus), "--max-length-tokens", str(args.max_length_tokens),
         "--batch-size", str(args.batch_size), "--single-reviews", str(args.single_reviews),
-    ]  # fmt: skip
+    ] + (["--gpu"] if args.gpu else [])  # fmt: skip
     a, a_mem = run_child(["bench/embed.py", "--child", "clvray", *common])
     b, b_mem = run_child(["bench/embed.py", "--child", "loop", *common])
     c, _ = run_child(["bench/embed.py", "--child", "single", *common])
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--kinds", default="amazon,synthetic")
     ap.add_argument("--quick", action="store_true", help="64 reviews; writes no results")
+    ap.add_argument("--gpu", action="store_true", help="encoders on the GPU in bf16 (all three)")
     ap.add_argument("--work", default=str(REPO / "runs" / "bench_embed"))
     ap.add_argument("--child", choices=["clvray", "loop", "single"])
     ap.add_argument("--data")
@@ -244,6 +251,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.quick:
         args.reviews, args.single_reviews = 64, 16
+    if args.gpu and args.batch_size == 64:
+        args.batch_size = 256  # what suits a GPU in bf16
     kinds = [k for k in args.kinds.split(",") if k != "amazon" or AMAZON_FILE.exists()]
     work = Path(args.work)
     rows = [bench_kind(k, args, work) for k in kinds]
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"embed ({args.model}, {args.max_length_tokens} tokens) on {describe(machine())}")
     print(table(rows, COLUMNS))
     if not args.quick:
-        print(f"wrote {write_results('embed', rows, {'model': args.model})}")
+        name = "embed_gpu" if args.gpu else "embed"
+        print(f"wrote {write_results(name, rows, {'model': args.model})}")
     return rows
 
 

@@ -81,3 +81,12 @@ def test_performance_section_is_generated_from_results_files(tmp_path, monkeypat
     assert "old" not in text and "CPU X, 2 cores, 24 GiB RAM, no GPU" in text
     assert "| synthetic | 64 | 10 | 20 |" in text
     assert common.table([{"a": True}], ["a"]).endswith("| yes |")
+
+
+def test_gpu_script_smoke_runs_on_cpu():
+    """bench/gpu.py is meant for a GPU machine; its quick mode runs the same code on CPU."""
+    rows = _bench("gpu").main(["--quick"])
+    assert [r["work"] for r in rows] == ["embed (fp32)", "fine-tune (fp32)"]
+    assert all(r["reviews_per_s"] > 0 and r["mean_tokens"] > 1 for r in rows)
+    gpu = _bench("gpu")
+    assert gpu.peak_tflops("NVIDIA H200", None) == 989.0 and gpu.peak_tflops("CPU", None) is None
