@@ -11,7 +11,6 @@ count, and nothing row-level reaches the driver.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import numpy as np
@@ -19,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from clvray.config import Config
+from clvray.contract import as_utc, unit_hash
 from clvray.io import read_parquet, write_parquet
 from clvray.storage import Storage, join
 
@@ -67,15 +67,9 @@ def categorical_columns(columns: list[str]) -> list[str]:
 def split_of(
     customer_ids: pd.Series | list[str], valid_share: float, test_share: float
 ) -> np.ndarray:
-    """Stable split by a hash of `customer_id`: the same customer lands in the same split on
-    every run, machine and Python version (blake2b, not Python's salted `hash`)."""
-    u = np.array(
-        [
-            int.from_bytes(hashlib.blake2b(str(c).encode(), digest_size=8).digest(), "big") / 2**64
-            for c in customer_ids
-        ],
-        dtype="float64",
-    )
+    """Stable split by the one stable hash of `customer_id` (`contract.unit_hash`): the same
+    customer lands in the same split on every run, machine and Python version."""
+    u = unit_hash(np.asarray(customer_ids, dtype=object), "split")
     return np.where(
         u < test_share, "test", np.where(u < test_share + valid_share, "valid", "train")
     )
@@ -232,12 +226,6 @@ def resolve_cutoff(cfg: Config, storage: Storage, run_dir: str) -> pd.Timestamp:
         return pd.Timestamp(cfg.features.cutoff, tz="UTC")
     end = read_parquet(join(run_dir, "ingest", "transactions"), storage, columns=["ts"]).max("ts")
     return (as_utc(end) - pd.Timedelta(days=cfg.features.horizon_days)).normalize()
-
-
-def as_utc(ts) -> pd.Timestamp:
-    """A timestamp in UTC; a naive one (Ray aggregates drop the zone) is taken as UTC."""
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Timestamp):

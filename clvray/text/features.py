@@ -31,16 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clvray.config import TextSection
-from clvray.contract import TS
+from clvray.contract import TS, as_utc, unit_hash
 from clvray.storage import Storage, join
 from clvray.text.partition import (
-    as_utc,
     before_cutoff,
     co_partition,
     lookup,
     require_columns,
     split_sides,
-    unit_hash,
 )
 
 if TYPE_CHECKING:

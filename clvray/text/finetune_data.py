@@ -14,15 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clvray.config import TextSection
+from clvray.contract import as_utc, unit_hash
 from clvray.storage import Storage
 from clvray.text.partition import (
-    as_utc,
     before_cutoff,
     co_partition,
     lookup,
     require_columns,
     split_sides,
-    unit_hash,
 )
 from clvray.text.tokens import tokenize_reviews
 

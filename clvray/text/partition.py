@@ -10,15 +10,15 @@ the partition size whatever the row count.
 
 from __future__ import annotations
 
-import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clvray.contract import TS
+from clvray.contract import TS, ContractError, as_utc
+from clvray.contract import require_columns as check
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -27,12 +27,12 @@ SIDE = "_side"
 KEY = "customer_id"
 
 
-class TextInputError(ValueError):
+class TextInputError(ContractError):
     """A dataset handed to the text path lacks a column it needs."""
 
 
 def require_columns(ds: Dataset, columns: list[str], what: str) -> None:
-    """Fail at the door, naming the dataset and the missing columns.
+    """Fail at the door, naming the dataset and the missing columns (`contract.require_columns`).
 
     Checks only a schema Ray knows without running anything (files, materialized data, plain
     projections): fetching the schema of a lazy pipeline would run its first block, and for an
@@ -42,15 +42,10 @@ def require_columns(ds: Dataset, columns: list[str], what: str) -> None:
     names = ds.columns(fetch_if_missing=False)
     if names is None:
         return
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise TextInputError(f"{what} lacks required column(s) {missing}; found {sorted(names)}")
-
-
-def as_utc(ts: Any) -> pd.Timestamp:
-    """A cutoff as a tz-aware UTC Timestamp (a naive value is taken as UTC)."""
-    t = pd.Timestamp(ts)
-    return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
+    try:
+        check(names, columns, what)
+    except ContractError as exc:
+        raise TextInputError(str(exc)) from None
 
 
 def before_cutoff(table: pa.Table, cutoff: pd.Timestamp, column: str = "ts") -> pa.Table:
@@ -60,23 +55,6 @@ def before_cutoff(table: pa.Table, cutoff: pd.Timestamp, column: str = "ts") -> 
         ts = pc.cast(ts, TS)
     bound = pa.scalar(as_utc(cutoff).to_pydatetime(), type=TS)
     return table.filter(pc.fill_null(pc.less(ts, bound), False))
-
-
-def unit_hash(
-    values: pa.ChunkedArray | pa.Array | np.ndarray | pd.Series, salt: str = ""
-) -> np.ndarray:
-    """A stable uniform number in [0, 1) per value (the same on every node and every run).
-
-    `salt` gives independent draws for different purposes from the same ids.
-    """
-    arr = (
-        values.to_numpy(zero_copy_only=False)
-        if isinstance(values, (pa.Array, pa.ChunkedArray))
-        else np.asarray(values)
-    )
-    key = hashlib.md5(f"clvray:{salt}".encode()).hexdigest()[:16]
-    h = pd.util.hash_array(arr.astype(object), hash_key=key)
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def conform(table: pa.Table, schema: pa.Schema, side: int) -> pa.Table:
