@@ -311,24 +311,42 @@ class Runner:
         return seconds
 
 
+def compact_keys(keys: Iterable[str]) -> str:
+    """`a.b.x, a.b.y, c` -> `a.b.{x, y}, c`: config keys grouped by their section."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        groups.setdefault(parent, []).append(leaf)
+    parts = []
+    for parent, leaves in groups.items():
+        if not parent:
+            parts += leaves
+        elif len(leaves) == 1:
+            parts.append(f"{parent}.{leaves[0]}")
+        else:
+            parts.append(f"{parent}.{{{', '.join(leaves)}}}")
+    return ", ".join(parts) or "-"
+
+
 def format_plan(rows: list[dict], run_dir: str) -> str:
-    """The plan as a text table (what `jobs/pipeline.py --plan` prints)."""
+    """The plan as text (what `jobs/pipeline.py --plan` prints): per stage its status, then
+    the stages it reads and the config keys it depends on."""
+    import textwrap
+
+    width = max(len(r["stage"]) for r in rows)
     lines = [f"run directory: {run_dir}", ""]
-    widths = (
-        max(len(r["stage"]) for r in rows),
-        max(len(", ".join(r["inputs"]) or "-") for r in rows),
-        max(len(", ".join(r["config"]) or "-") for r in rows),
-    )
-    header = ("stage", "inputs", "config it reads", "status")
-    fmt = f"{{:<{widths[0]}}}  {{:<{widths[1]}}}  {{:<{widths[2]}}}  {{}}"
-    lines.append(fmt.format(*header))
     for r in rows:
-        lines.append(
-            fmt.format(
-                r["stage"],
-                ", ".join(r["inputs"]) or "-",
-                ", ".join(r["config"]) or "-",
-                r["status"],
-            )
-        )
+        lines.append(f"{r['stage']:<{width}}  {r['status']}")
+        for label, text in (
+            ("after", ", ".join(r["inputs"])),
+            ("config", compact_keys(r["config"])),
+        ):
+            if text and text != "-":
+                lines += textwrap.wrap(
+                    f"{label}: {text}",
+                    width=96,
+                    initial_indent="    ",
+                    subsequent_indent="        ",
+                    break_on_hyphens=False,
+                )
     return "\n".join(lines)

@@ -132,6 +132,10 @@ def plan(cfg: Config, until: str | None = None, only: Iterable[str] | None = Non
 def ray_logs_to(path: str) -> Iterator[None]:
     """Send the driver's Ray log records (Ray Core, Data, Train) to `path` instead of the
     terminal, for the duration of a run; Ray Data's progress bars still draw on stderr."""
+    # Ray Data and Ray Train attach their console handlers when imported: import them first.
+    import ray.data
+    import ray.train  # noqa: F401
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -448,7 +448,6 @@ def build_stages(cfg, has_reviews: bool) -> list[Stage]:
                 inputs=(f"fuse/{v}",),
                 outputs=(f"models/{v}",),
                 sections=("train", "run.seed"),
-                scratch=("ray_train",),
             ),
             Stage(
                 f"score/{v}",

@@ -158,7 +158,7 @@ def test_plan_prints_the_graph_and_what_would_run(pipeline_run, capsys):
     capsys.readouterr()
     assert job.main([*argv, "--set", "train.max_depth=3", "--plan"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    status = {line.split()[0]: line for line in lines[3:] if line.strip()}
+    status = {line.split()[0]: line for line in lines[2:] if line and not line[0].isspace()}
     assert status["ingest"].endswith("skip: done")
     assert status["train/gbm_behavioural"].endswith("run: config or input changed")
     assert status["report"].endswith("run: an input re-runs")
