@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python jobs/pipeline.py --config configs/demo.yaml
+	$(BIN)/python jobs/pipeline.py --config configs/demo.yaml
 
 lint: setup
 	$(BIN)/ruff check .

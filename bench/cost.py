@@ -69,7 +69,8 @@ def stage_rates(run_dir: Path) -> tuple[dict, dict]:
     for key, secs in t.items():
         if key.startswith("train/"):
             stages[f"XGBoost {key.split('/', 1)[1]}"] = (customers, "customers", secs)
-    stages["score"] = (customers, "customers", t.get("score"))
+        if key.startswith("score/"):
+            stages[f"score {key.split('/', 1)[1]}"] = (customers, "customers", secs)
     ratios = {
         "transactions_per_review": tx / rv if rv else None,
         "customers_per_review": customers / rv if rv else None,

@@ -36,6 +36,8 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 from scipy.special import betaln, gammaln, hyp2f1, psi
 
+from clvray.contract import require_columns
+
 CALIB_COLUMNS = ("frequency", "recency", "T", "monetary")
 LOG_PARAM_BOUND = 20.0
 """Log-scale parameters stay in [-20, 20] so exp() never overflows during the search."""
@@ -578,11 +580,7 @@ def heuristic_value(
 
 def _check_calib(calib_df: pd.DataFrame, value: bool, caller: str) -> None:
     needed = CALIB_COLUMNS if value else CALIB_COLUMNS[:3]
-    missing = [c for c in needed if c not in calib_df.columns]
-    if missing:
-        raise ValueError(
-            f"{caller}: calib_df lacks column(s) {missing}; needs {list(needed)} per customer"
-        )
+    require_columns(calib_df.columns, needed, f"{caller}: calib_df (one row per customer)")
 
 
 def fit_btyd(calib_df: pd.DataFrame, value: bool = True) -> BTYDModel:

@@ -206,12 +206,26 @@ class TrainSection(_Strict):
     )
     tweedie_variance_power: float = Field(1.3, gt=1, lt=2)
     quantiles: list[float] = [0.1, 0.5, 0.9]
+    max_failures: int = Field(1, ge=0)
+    """Times Ray Train restarts the worker group after a worker failure (its FailureConfig)."""
 
 
 class ScoreSection(_Strict):
     batch_size: int = Field(4096, gt=0)
     n_segments: int = Field(10, gt=1)
     top_contributions: int = Field(3, ge=0)
+    max_actors: int = Field(2, gt=0)
+    """Scoring actors (each loads the boosters once)."""
+    cpus_per_actor: float = Field(1.0, gt=0)
+    edge_sample_rows: int = Field(200_000, gt=0)
+    """At most this many scored train customers (a hash sample) place the segment edges."""
+
+
+class EvaluateSection(_Strict):
+    max_customers: int = Field(2_000_000, gt=0)
+    """At most this many test customers (a hash sample) reach the driver for the metrics."""
+    report_sample_rows: int = Field(2000, gt=0)
+    """Scored customers sampled into the report's tables and plots."""
 
 
 class TrackingSection(_Strict):
@@ -231,6 +245,7 @@ class Config(_Strict):
     text: TextSection = TextSection()
     train: TrainSection = TrainSection()
     score: ScoreSection = ScoreSection()
+    evaluate: EvaluateSection = EvaluateSection()
     tracking: TrackingSection = TrackingSection()
 
     def fingerprint(self) -> str:

@@ -6,7 +6,10 @@ ingest stage maps them over the input with Ray Data.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,13 +60,41 @@ class ContractError(ValueError):
     """A file cannot be mapped to the contract at all (a missing column, say)."""
 
 
+def require_columns(present: Iterable[str], required: Iterable[str], what: str) -> None:
+    """The one column check: raises `ContractError` naming `what` (a file, a dataset, a frame)
+    and every required column it lacks."""
+    names = [str(c) for c in present]
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ContractError(f"{what} lacks required column(s) {missing}; found {sorted(names)}")
+
+
 def check_columns(table: str, columns: list[str], source: str) -> None:
     """Fail at the door when an input lacks a required column; names the file and column."""
-    missing = [c for c in REQUIRED_INPUT[table] if c not in columns]
-    if missing:
-        raise ContractError(
-            f"{source}: {table} input lacks required column(s) {missing}; found {sorted(columns)}"
-        )
+    require_columns(columns, REQUIRED_INPUT[table], f"{source}: {table} input")
+
+
+def as_utc(ts: Any) -> pd.Timestamp:
+    """The one UTC conversion of a single timestamp (a cutoff, a data bound): tz-aware UTC; a
+    naive value (Ray aggregates drop the zone) is taken as UTC."""
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
+
+
+def unit_hash(
+    values: pa.ChunkedArray | pa.Array | np.ndarray | pd.Series | list, salt: str = ""
+) -> np.ndarray:
+    """The one stable hash of ids: a uniform number in [0, 1) per value, the same on every
+    node, run and Python process (SipHash with a fixed key, vectorised; never Python's salted
+    `hash`). `salt` gives independent draws for different purposes (the split, samples)."""
+    arr = (
+        values.to_numpy(zero_copy_only=False)
+        if isinstance(values, (pa.Array, pa.ChunkedArray))
+        else np.asarray(values)
+    )
+    key = hashlib.md5(f"clvray:{salt}".encode()).hexdigest()[:16]
+    h = pd.util.hash_array(arr.astype(object), hash_key=key)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _str_col(df: pd.DataFrame, name: str) -> pd.Series:

@@ -1,7 +1,10 @@
 """Evaluation on the test customers: every model and baseline on the same people.
 
-Only per-customer columns of the test split (a few floats each, capped at
-`MAX_EVAL_CUSTOMERS` by the stable hash) come to the driver; metrics need global ranks.
+Models are not run here: every variant was scored once, on the scoring actors, into
+`scores/<variant>/`; this reads the test split's labels and predictions from there, and the
+baselines' inputs from the behavioural customer table. Only per-customer columns of the test
+split (a few floats each, at most `evaluate.max_customers`, a stable hash sample) come to the
+driver; metrics need global ranks.
 """
 
 from __future__ import annotations
@@ -15,13 +18,24 @@ from clvray.io import read_parquet
 from clvray.storage import join
 from clvray.train import Boosters
 
-MAX_EVAL_CUSTOMERS = 2_000_000
+PREDICTIONS = ("future_value_pred", "churn_prob")
 
 
-def _test_frame(ds, n_total: int) -> pd.DataFrame:
+def _hash_sample(batch: pd.DataFrame, frac: float) -> pd.DataFrame:
+    from clvray.contract import unit_hash
+
+    return batch[unit_hash(batch["customer_id"], "evaluate") < frac]
+
+
+def select_test_split(ds, n_total: int, max_customers: int, columns: list[str] | None = None):
+    """The test split of `ds` as pandas, sorted by customer: at most about `max_customers`
+    (a hash sample, so every dataset of the run yields the same customers)."""
     test = ds.filter(expr="split == 'test'")
-    if n_total > MAX_EVAL_CUSTOMERS / 0.2:
-        test = test.random_sample(MAX_EVAL_CUSTOMERS / n_total * 5, seed=0)
+    if columns is not None:
+        test = test.select_columns(columns)
+    frac = max_customers / (n_total * 0.2) if n_total else 1.0
+    if frac < 1:
+        test = test.map_batches(_hash_sample, fn_kwargs={"frac": frac}, batch_format="pandas")
     return test.to_pandas().sort_values("customer_id").reset_index(drop=True)
 
 
@@ -38,7 +52,8 @@ def _model_metrics(y: np.ndarray, churned: np.ndarray, preds: dict[str, np.ndarr
 
 def evaluate(
     run,
-    fused: dict,
+    scores: dict,
+    customers,
     primary: str,
     cutoff: pd.Timestamp,
     counts: dict,
@@ -47,14 +62,17 @@ def evaluate(
 ) -> tuple[dict, pd.DataFrame]:
     """Metrics of every model and baseline on the same test customers.
 
-    Returns the metrics dict (written to metrics.json) and the per-customer test frame
-    (`customer_id`, `future_value`, `churned`, `pred_value__<model>`, `pred_churn__<model>`)
-    that the report plots. `btyd_fit` is the BG/NBD + Gamma-Gamma fitted on the train
-    customers (`clvray.btyd`), or None with `btyd_error` saying why it could not be fitted.
+    `scores` maps each variant to its scored dataset (`scores/<variant>/`, labels included);
+    `customers` is the behavioural customer table (the baselines' inputs). `run` gives `cfg`,
+    `storage` and `run_dir`. Returns the metrics dict (written to metrics.json) and the
+    per-customer test frame (`customer_id`, `future_value`, `churned`,
+    `pred_value__<model>`, `pred_churn__<model>`) that the report plots. `btyd_fit` is the
+    BG/NBD + Gamma-Gamma fitted on the train customers (`clvray.btyd`), or None with
+    `btyd_error` saying why it could not be fitted.
     """
     cfg, storage = run.cfg, run.storage
     horizon = cfg.features.horizon_days
-    customers = fused[next(iter(fused))]
+    cap = cfg.evaluate.max_customers
     n_total = customers.count()
     split_counts = customers.groupby("split").count().to_pandas()
     out: dict = {
@@ -73,8 +91,7 @@ def evaluate(
         "primary_model": primary,
         "models": {},
     }
-    tests = {variant: _test_frame(ds, n_total) for variant, ds in fused.items()}
-    base = tests[next(iter(tests))]
+    base = select_test_split(customers, n_total, cap)
     y = base["future_value"].to_numpy(float)
     churned = base["churned"].to_numpy(int)
     out["population"]["evaluated_test_customers"] = len(base)
@@ -87,11 +104,16 @@ def evaluate(
         if "churn_prob" in preds:
             frame[f"pred_churn__{name}"] = np.asarray(preds["churn_prob"], dtype=float)
 
-    for variant, df in tests.items():
+    for variant, ds in scores.items():
+        df = select_test_split(ds, n_total, cap)
         if not (df["customer_id"].to_numpy() == base["customer_id"].to_numpy()).all():
-            raise RuntimeError(f"{variant}: test customers differ from the behavioural set")
-        boosters = Boosters(join(run.run_dir, "models", variant), storage)
-        add(variant, boosters.predict(df), feature_importance=boosters.importance())
+            raise RuntimeError(f"{variant}: scored test customers differ from the customer table")
+        if not np.allclose(df["future_value"].to_numpy(float), y, equal_nan=True):
+            raise RuntimeError(f"{variant}: labels in scores/ differ from the customer table")
+        preds = {c: df[c].to_numpy(float) for c in df.columns if c in PREDICTIONS}
+        preds.update({c: df[c].to_numpy(float) for c in df.columns if c.startswith("value_p")})
+        importance = Boosters(join(run.run_dir, "models", variant), storage).importance()
+        add(variant, preds, feature_importance=importance)
 
     add(
         "heuristic",

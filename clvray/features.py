@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clvray.config import Config
+from clvray.contract import as_utc, unit_hash
 from clvray.io import count_rows, read_parquet, write_parquet
 from clvray.storage import Storage, join
 
@@ -63,45 +64,12 @@ def categorical_columns(columns: list[str]) -> list[str]:
     return [c for c in columns if c.startswith(CATEGORICAL_PREFIX)]
 
 
-def unit_hash(customer_ids) -> np.ndarray:
-    """A stable number in [0, 1) per customer id: FNV-1a over the id's UTF-8 bytes, then a
-    splitmix64 finaliser. Vectorised over Arrow's byte buffer (one numpy pass per byte
-    position, no Python per id); the same on every run, machine and Python version (unlike
-    Python's salted `hash`)."""
-    arr = pa.array(customer_ids, type=pa.string(), from_pandas=True)
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    arr = pc.fill_null(arr, "").cast(pa.binary())
-    n = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
-    data = (
-        np.frombuffer(arr.buffers()[2], dtype=np.uint8)
-        if arr.buffers()[2]
-        else np.empty(0, np.uint8)
-    )
-    starts = offsets[:-1].astype(np.int64)
-    lengths = (offsets[1:] - offsets[:-1]).astype(np.int64)
-    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
-    prime = np.uint64(0x100000001B3)
-    for j in range(int(lengths.max()) if n else 0):
-        live = lengths > j
-        idx = np.where(live, starts + j, 0)
-        byte = data[idx].astype(np.uint64) if len(data) else np.zeros(n, np.uint64)
-        h = np.where(live, (h ^ byte) * prime, h)
-    h ^= h >> np.uint64(30)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(27)
-    h *= np.uint64(0x94D049BB133111EB)
-    h ^= h >> np.uint64(31)
-    return (h >> np.uint64(11)).astype(np.float64) / float(2**53)
-
-
 def split_of(
     customer_ids: pd.Series | list[str], valid_share: float, test_share: float
 ) -> np.ndarray:
-    """Stable split by `unit_hash` of `customer_id`: the same customer lands in the same split
-    on every run and machine."""
-    u = unit_hash(customer_ids)
+    """Stable split by the one stable hash of `customer_id` (`contract.unit_hash`): the same
+    customer lands in the same split on every run, machine and Python version."""
+    u = unit_hash(customer_ids, "split")
     return np.where(
         u < test_share, "test", np.where(u < test_share + valid_share, "valid", "train")
     )
@@ -312,12 +280,6 @@ def resolve_cutoff(cfg: Config, storage: Storage, run_dir: str) -> pd.Timestamp:
     return (as_utc(end) - pd.Timedelta(days=cfg.features.horizon_days)).normalize()
 
 
-def as_utc(ts) -> pd.Timestamp:
-    """A timestamp in UTC; a naive one (Ray aggregates drop the zone) is taken as UTC."""
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
 STAGED = {
     "transactions": pa.schema(
         [
@@ -340,8 +302,8 @@ STAGED = {
 
 def customer_bucket(customer_ids, n_buckets: int) -> np.ndarray:
     """Bucket of each customer in [0, n_buckets): every event of a customer, in any table,
-    lands in the same bucket (a hash of the id, independent of the split's thresholds)."""
-    return (np.floor(unit_hash(customer_ids) * 2**20).astype(np.int64) % n_buckets).astype(np.int32)
+    lands in the same bucket (the stable hash with its own salt: independent of the split)."""
+    return (unit_hash(customer_ids, "bucket") * n_buckets).astype(np.int32)
 
 
 def _stage_block(batch: pa.Table, table: str, n_buckets: int) -> pa.Table:

@@ -1,8 +1,10 @@
-"""Evaluation metrics for value regression and churn classification, in plain numpy.
+"""Evaluation metrics for value regression and churn classification.
 
-These are the numbers written to `metrics.json` and drawn in the report, so they are computed
-here from first principles (ranks, cumulative sums) rather than borrowed from scikit-learn or
-SciPy: the tests check each one against those libraries as an independent reference.
+Standard metrics come from SciPy (`spearman`, ranks) and scikit-learn (`roc_auc`,
+`average_precision`, `log_loss`, Brier score); this module adds their input checks and NaN
+for undefined cases. What has no library equivalent is computed here in numpy: normalized
+Gini, decile MAPE and calibration, top-decile share, the Lorenz curve, interval coverage, the
+paired bootstrap.
 
 Ties in the prediction. Every metric that orders customers by prediction (normalized Gini,
 decile metrics, top-decile share, Lorenz curve) returns its expectation over a uniformly random
@@ -81,29 +83,19 @@ def _decile_slices(n: int) -> list[slice]:
 
 def rankdata_average(values: object) -> np.ndarray:
     """Ranks 1..n of `values`, tied values sharing the mean of the ranks they span."""
-    x = _as_1d("values", values)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], xs.size]
-    # Positions start..end-1 (0-based) hold ranks start+1..end; their mean is (start+1+end)/2.
-    mean_rank = np.repeat((starts + 1 + ends) / 2.0, ends - starts)
-    ranks = np.empty_like(mean_rank)
-    ranks[order] = mean_rank
-    return ranks
+    from scipy.stats import rankdata
 
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    da = a - a.mean()
-    db = b - b.mean()
-    denom = math.sqrt(float(np.dot(da, da)) * float(np.dot(db, db)))
-    return float(np.dot(da, db) / denom) if denom > 0 else math.nan
+    return np.asarray(rankdata(_as_1d("values", values), method="average"), dtype=np.float64)
 
 
 def spearman(y_true: object, y_pred: object) -> float:
-    """Spearman rank correlation: Pearson correlation of average ranks; NaN if one is constant."""
+    """Spearman rank correlation (SciPy); NaN if one side is constant."""
+    from scipy.stats import spearmanr
+
     t, p = _pair(y_true, y_pred)
-    return _pearson(rankdata_average(t), rankdata_average(p))
+    if np.all(t == t[0]) or np.all(p == p[0]):
+        return math.nan
+    return float(spearmanr(t, p).statistic)
 
 
 def normalized_gini(y_true: object, y_pred: object) -> float:
@@ -225,45 +217,34 @@ def value_metrics(y_true: object, y_pred: object) -> dict[str, float | int]:
     }
 
 
-def roc_auc(y_true: object, prob: object) -> float:
-    """Area under the ROC curve: P(score of a random positive > a random negative), ties 1/2.
+def _single_class(y: np.ndarray) -> bool:
+    return bool(np.all(y == y[0]))
 
-    Computed from average ranks (Mann-Whitney U). NaN when `y_true` holds a single class.
-    """
+
+def roc_auc(y_true: object, prob: object) -> float:
+    """Area under the ROC curve (scikit-learn); NaN when `y_true` holds a single class."""
+    from sklearn.metrics import roc_auc_score
+
     y, p = _binary(y_true, prob)
-    n_pos = float(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    rank_sum = float(rankdata_average(p)[y == 1].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return math.nan if _single_class(y) else float(roc_auc_score(y, p))
 
 
 def average_precision(y_true: object, prob: object) -> float:
-    """Area under the precision-recall curve as a step sum, `sum_k (R_k - R_{k-1}) P_k`.
+    """Area under the precision-recall curve (scikit-learn's `average_precision_score`,
+    positives = 1); NaN when `y_true` holds a single class."""
+    from sklearn.metrics import average_precision_score
 
-    One step per distinct score, highest first (tied scores enter together), as scikit-learn's
-    `average_precision_score`. NaN when `y_true` holds a single class.
-    """
     y, p = _binary(y_true, prob)
-    n_pos = float(y.sum())
-    if n_pos == 0 or n_pos == y.size:
-        return math.nan
-    order = np.argsort(-p, kind="stable")
-    ys, ps = y[order], p[order]
-    last_of_group = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])
-    tp = np.cumsum(ys)[last_of_group]
-    seen = last_of_group + 1.0
-    precision = tp / seen
-    recall = tp / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return math.nan if _single_class(y) else float(average_precision_score(y, p))
 
 
 def log_loss(y_true: object, prob: object) -> float:
     """Mean negative log-likelihood of the labels, probabilities clipped to [1e-15, 1 - 1e-15]."""
+    from sklearn.metrics import log_loss as sk_log_loss
+
     y, p = _binary(y_true, prob)
     p = np.clip(p, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    return float(sk_log_loss(y, p, labels=[0, 1]))
 
 
 def churn_metrics(y_true: object, prob: object) -> dict[str, float | int]:
@@ -274,12 +255,14 @@ def churn_metrics(y_true: object, prob: object) -> dict[str, float | int]:
     report should show that rather than crash or print a misleading 0 or 1); `log_loss` and
     `brier` are still defined.
     """
+    from sklearn.metrics import brier_score_loss
+
     y, p = _binary(y_true, prob)
     return {
         "roc_auc": roc_auc(y, p),
         "pr_auc": average_precision(y, p),
         "log_loss": log_loss(y, p),
-        "brier": float(np.mean((p - y) ** 2)),
+        "brier": float(brier_score_loss(y, p, pos_label=1)),
         "n": int(y.size),
     }
 

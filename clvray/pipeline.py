@@ -1,95 +1,53 @@
-"""The whole job, stage by stage, over one run directory.
+"""The whole job over one run directory: the stage graph of `clvray.stages`, run by one runner.
 
-`run_pipeline(cfg)` is what `jobs/pipeline.py` calls, on a laptop or through `ray job submit`.
-Each stage reads and writes parquet under `<storage>/<run_id>/`, and writes
-`<stage>/_SUCCESS.json` holding the config fingerprint when it finishes; a re-run with the
-same resolved config skips every stage whose marker matches.
+`run_pipeline(cfg)` is what `jobs/pipeline.py` calls, on a laptop or through `ray job submit`;
+`run_pipeline(cfg, until="features")` or `only=[...]` runs a slice of the graph. Every stage
+reads and writes parquet under `<storage>/<run_id>/` and commits with a marker in
+`_stages/`; a re-run skips every stage whose marker holds its fingerprint (its own config keys
+and its inputs' fingerprints), so a changed key re-runs only what depends on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 
 import pandas as pd
 
-from clvray import btyd, observability
-from clvray import evaluate as evaluation
+from clvray import observability
 from clvray.config import Config
-from clvray.features import FEATURES, build_features, categorical_columns, resolve_cutoff
-from clvray.ingest import ingest
-from clvray.io import read_parquet, write_parquet
-from clvray.report import write_report
+from clvray.graph import Runner, format_plan, section_values
 from clvray.resources import check_fits
-from clvray.score import fit_segment_edges, score_customers
+from clvray.stages import build_stages
 from clvray.storage import Storage, join
 from clvray.synth import generate
-from clvray.train import train_models
 
 log = logging.getLogger("clvray")
-REPORT_SAMPLE_ROWS = 2000
-
-BEHAVIOURAL = "gbm_behavioural"
-TEXT_FINETUNED = "gbm_text_finetuned"
-TEXT_PREFIXES = ("txt_", "topic_share_")
 
 
 def connect_ray(cfg: Config) -> None:
     """Join the cluster named by `ray.address` or `RAY_ADDRESS` (set by `ray job submit`),
-    else start a local Ray sized by `ray.num_cpus`."""
+    else start a local Ray sized by `ray.num_cpus`. Workers' output stays in Ray's session
+    logs (and the dashboard), not on the driver's terminal."""
     import ray
 
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=False)
         return
-    kwargs: dict = {"include_dashboard": False}
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
     if cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024**2
     ray.init(**kwargs)
-
-
-@dataclass
-class Run:
-    cfg: Config
-    storage: Storage
-    run_dir: str
-    fingerprint: str
-    timings: dict[str, float] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-
-    def done(self, stage: str) -> bool:
-        marker = join(self.run_dir, stage, "_SUCCESS.json")
-        return (
-            self.storage.exists(marker)
-            and self.storage.read_json(marker).get("fingerprint") == self.fingerprint
-        )
-
-    def mark(self, stage: str, info: dict | None = None) -> None:
-        self.storage.write_json(
-            join(self.run_dir, stage, "_SUCCESS.json"),
-            {"fingerprint": self.fingerprint, **(info or {})},
-        )
-
-    def info(self, stage: str) -> dict:
-        return self.storage.read_json(join(self.run_dir, stage, "_SUCCESS.json"))
-
-    @contextlib.contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        log.info("stage %s: start", stage)
-        yield
-        self.timings[stage] = round(time.perf_counter() - start, 2)
-        observability.record_stage(stage, self.timings[stage])
-        log.info("stage %s: %.1fs", stage, self.timings[stage])
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -112,31 +70,18 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.model_copy(update={"data": data, "text": text, "run": run})
 
 
-def prepare_run(cfg: Config) -> Run:
-    storage = Storage(cfg.s3.endpoint_url, cfg.s3.region)
-    fingerprint = cfg.fingerprint()
-    run_id = cfg.run.run_id or f"{cfg.data.source}-{fingerprint}"
-    run_dir = join(cfg.run.storage, run_id)
-    storage.makedirs(run_dir)
-    storage.write_text(join(run_dir, "config.yaml"), cfg.to_yaml())
-    return Run(cfg, storage, run_dir, fingerprint)
+def synthetic_dir(cfg: Config) -> str:
+    """Where the synthetic input of this synthetic config lives (shared by its runs)."""
+    key = hashlib.sha256(cfg.data.synthetic.model_dump_json().encode()).hexdigest()[:10]
+    return join(cfg.run.storage, "_synthetic", key)
 
 
-def _ensure_synthetic(run: Run) -> Config:
-    """Generate the synthetic input once per synthetic config, beside the runs, and point
-    the data section at it (the written config.yaml records the resolved paths)."""
-    cfg = run.cfg
+def resolve_inputs(cfg: Config) -> Config:
+    """Absolute local paths, and a synthetic source pointed at its generated tables."""
+    cfg = absolute_paths(cfg)
     if cfg.data.source != "synthetic" or cfg.data.transactions:
         return cfg
-    import hashlib
-
-    key = hashlib.sha256(cfg.data.synthetic.model_dump_json().encode()).hexdigest()[:10]
-    data_dir = join(cfg.run.storage, "_synthetic", key)
-    marker = join(data_dir, "_SUCCESS.json")
-    if not run.storage.exists(marker):
-        with run.timed("generate"):
-            counts = generate(cfg.data.synthetic, data_dir, run.storage)
-        run.storage.write_json(marker, counts)
+    data_dir = synthetic_dir(cfg)
     data = cfg.data.model_copy(
         update={
             "transactions": join(data_dir, "transactions"),
@@ -146,150 +91,129 @@ def _ensure_synthetic(run: Run) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """Run every stage; returns the metrics written to `<run_dir>/metrics.json`."""
-    connect_ray(cfg)
+def ensure_synthetic(cfg: Config, storage: Storage) -> None:
+    """Generate the synthetic input once per synthetic config, beside the runs."""
+    if cfg.data.source != "synthetic":
+        return
+    data_dir = synthetic_dir(cfg)
+    marker = join(data_dir, "_SUCCESS.json")
+    if storage.exists(marker):
+        return
+    start = time.perf_counter()
+    log.info("generate: synthetic data for %d customers", cfg.data.synthetic.n_customers)
+    counts = generate(cfg.data.synthetic, data_dir, storage)
+    storage.write_json(marker, counts)
+    log.info("generate: finished in %.1fs", time.perf_counter() - start)
+
+
+def default_run_id(cfg: Config) -> str:
+    """`<source>-<hash of the input data's config>`: runs over the same data share a folder,
+    so a changed key re-runs only the stages that depend on it."""
+    text = repr(sorted(section_values(cfg, ["data", "ingest"]).items()))
+    return f"{cfg.data.source}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def open_run(cfg: Config) -> tuple[Config, Storage, str, Runner]:
+    """The resolved config, storage, run directory and the runner over its stage graph.
+    Starts no Ray and writes nothing."""
+    cfg = resolve_inputs(cfg)
+    storage = Storage(cfg.s3.endpoint_url, cfg.s3.region)
+    run_dir = join(cfg.run.storage, cfg.run.run_id or default_run_id(cfg))
+    stages = build_stages(cfg, has_reviews=cfg.data.reviews is not None)
+    return cfg, storage, run_dir, Runner(stages, cfg, storage, run_dir)
+
+
+def plan(cfg: Config, until: str | None = None, only: Iterable[str] | None = None) -> str:
+    """The stage graph and what a run with `cfg` would run, as text (`--plan`)."""
+    _, _, run_dir, runner = open_run(cfg)
+    return format_plan(runner.plan(until, only), run_dir)
+
+
+@contextlib.contextmanager
+def ray_logs_to(path: str) -> Iterator[None]:
+    """Send the driver's Ray log records (Ray Core, Data, Train) to `path` instead of the
+    terminal, for the duration of a run; Ray Data's progress bars still draw on stderr."""
+    # Ray Data and Ray Train attach their console handlers when imported: import them first.
     import ray.data
+    import ray.train  # noqa: F401
 
-    ray.data.DataContext.get_current().enable_progress_bars = (
-        os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
-    )
-    check_fits(cfg)  # a worker or actor count that would wait forever fails before any work
-    run = prepare_run(absolute_paths(cfg))
-    cfg = _ensure_synthetic(run)
-    run.cfg = cfg
-    storage, run_dir = run.storage, run.run_dir
-
-    if run.done("ingest"):
-        run.skipped.append("ingest")
-    else:
-        with run.timed("ingest"):
-            counts = ingest(cfg, storage, run_dir)
-            observability.record_counts(counts)
-        run.mark("ingest", {"counts": counts})
-    counts = run.info("ingest")["counts"]
-
-    cutoff = resolve_cutoff(cfg, storage, run_dir)
-    if run.done("features"):
-        run.skipped.append("features")
-    else:
-        with run.timed("features"):
-            build_features(cfg, storage, run_dir, cutoff)
-        run.mark("features", {"cutoff": cutoff.isoformat()})
-    customers = read_parquet(join(run_dir, "features", "customers"), storage).materialize()
-    n_customers = customers.count()
-
-    # BG/NBD + Gamma-Gamma on the train customers: the baseline, and optionally GBM features.
-    btyd_dir = join(run_dir, "btyd")
-    if run.done("btyd"):
-        run.skipped.append("btyd")
-    else:
-        with run.timed("btyd"):
-            n_train = customers.filter(expr="split == 'train'").count()
-            try:
-                btyd.fit_train_btyd(customers, n_train, storage, btyd_dir)
-                run.mark("btyd")
-            except Exception as exc:  # a baseline that cannot be fitted is reported, not fatal
-                log.warning("BG/NBD + Gamma-Gamma could not be fitted: %s", exc)
-                run.mark("btyd", {"error": f"{type(exc).__name__}: {exc}"})
-    btyd_error = run.info("btyd").get("error")
-    btyd_fit = None if btyd_error else btyd.load(storage, btyd_dir)
-    # Customer attributes (`cat_*`, from the customers table) are XGBoost categoricals.
-    base_features = list(FEATURES) + categorical_columns(customers.columns())
-    if cfg.features.btyd_features and btyd_fit is not None:
-        customers = customers.map_batches(
-            btyd.btyd_columns,
-            fn_kwargs={"fit": btyd_fit, "horizon_days": cfg.features.horizon_days},
-            batch_format="pandas",
-        ).materialize()
-        base_features += btyd.BTYD_FEATURES
-
-    variants: dict[str, list[str]] = {BEHAVIOURAL: base_features}
-    fused: dict[str, object] = {BEHAVIOURAL: customers}
-    if cfg.text.enabled and "reviews" in counts:
-        from clvray import textpath
-
-        for variant, text_uri in textpath.run_text_stages(run, customers, cutoff).items():
-            stage = f"fuse/{variant}"
-            uri = join(run_dir, "fuse", variant)
-            text_ds = read_parquet(text_uri, storage)
-            if _topic_features(run, variant):
-                topic_ds = read_parquet(join(textpath.topics_dir(run_dir), "customers"), storage)
-                text_ds = text_ds.join(
-                    topic_ds,
-                    join_type="left_outer",
-                    num_partitions=cfg.features.num_partitions,
-                    on=("customer_id",),
-                )
-            if not run.done(stage):
-                with run.timed(stage):
-                    joined = customers.join(
-                        text_ds,
-                        join_type="left_outer",
-                        num_partitions=cfg.features.num_partitions,
-                        on=("customer_id",),
-                    )
-                    write_parquet(joined, uri, storage)
-                run.mark(stage)
-            fused[variant] = read_parquet(uri, storage).materialize()
-            text_cols = [c for c in fused[variant].columns() if c.startswith(TEXT_PREFIXES)]
-            variants[variant] = base_features + text_cols
-
-    for variant, features in variants.items():
-        stage = f"models/{variant}"
-        if run.done(stage):
-            run.skipped.append(stage)
-            continue
-        with run.timed(f"train/{variant}"):
-            train_models(
-                fused[variant], features, cfg.train, storage, run_dir, variant, seed=cfg.run.seed
-            )
-        run.mark(stage)
-
-    primary = TEXT_FINETUNED if TEXT_FINETUNED in variants else list(variants)[-1]
-    model_uri = join(run_dir, "models", primary)
-    if run.done("scores"):
-        run.skipped.append("scores")
-    else:
-        with run.timed("score"):
-            fit_segment_edges(fused[primary], model_uri, storage, cfg.score.n_segments, n_customers)
-            score_customers(fused[primary], model_uri, cfg.score, storage, run_dir)
-        run.mark("scores", {"model": primary})
-
-    with run.timed("evaluate"):
-        metrics, test_frame = evaluation.evaluate(
-            run, fused, primary, cutoff, counts, btyd_fit=btyd_fit, btyd_error=btyd_error
-        )
-    if run.done("text/topics"):
-        with run.timed("topics/profile"):
-            metrics["topics"] = _topics_summary(run)
-    metrics["timings_s"] = {**_previous_timings(run), **run.timings}
-    metrics["cluster"] = _cluster_resources()
-    metrics["skipped_stages"] = run.skipped
-    storage.write_json(join(run_dir, "metrics.json"), metrics)
-    with run.timed("report"):
-        scores = read_parquet(join(run_dir, "scores"), storage)
-        segments = summarize_segments(scores)
-        sample = scores.random_sample(
-            min(1.0, REPORT_SAMPLE_ROWS / max(n_customers, 1)), seed=0
-        ).to_pandas()
-        metrics["report"] = write_report(metrics, sample, test_frame, segments, run_dir, storage)
-    storage.write_json(join(run_dir, "metrics.json"), metrics)
-    if cfg.tracking.mlflow_uri:
-        observability.log_to_mlflow(run_dir, cfg, metrics, storage, cfg.tracking.mlflow_uri)
-    return metrics
-
-
-def _previous_timings(run: Run) -> dict[str, float]:
-    """Stage seconds of an earlier run of the same run directory, for the stages skipped now,
-    so metrics.json keeps what every stage cost when it ran."""
-    uri = join(run.run_dir, "metrics.json")
-    if not run.storage.exists(uri):
-        return {}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    removed: list[tuple[logging.Logger, logging.Handler]] = []
+    names = ["ray"] + [n for n in logging.root.manager.loggerDict if n.startswith("ray.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+                removed.append((logger, h))
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(handler)
+    # Library warnings (pandas, transformers, torch) go to the same file, not the terminal.
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_propagate = warnings_logger.propagate
+    warnings_logger.addHandler(handler)
+    warnings_logger.propagate = False
+    logging.captureWarnings(True)
     try:
-        return dict(run.storage.read_json(uri).get("timings_s") or {})
-    except ValueError:
-        return {}
+        yield
+    finally:
+        logging.captureWarnings(False)
+        warnings_logger.removeHandler(handler)
+        warnings_logger.propagate = warnings_propagate
+        ray_logger.removeHandler(handler)
+        handler.close()
+        for logger, h in removed:
+            logger.addHandler(h)
+
+
+def run_pipeline(cfg: Config, until: str | None = None, only: Iterable[str] | None = None) -> dict:
+    """Run the stage graph (all of it, what `until` needs, or the stages in `only`).
+
+    Returns the run's metrics (also written to `<run_dir>/metrics.json`) once `evaluate` has
+    run; for a slice that stops earlier, `run_dir`, `ran_stages`, `skipped_stages` and
+    `timings_s`. Ray's log records go to `<run_dir>/logs/ray.log` (local storage) or a local
+    temporary file copied there (S3).
+    """
+    cfg, storage, run_dir, runner = open_run(cfg)
+    local = "://" not in run_dir
+    log_file = (
+        join(run_dir, "logs", "ray.log")
+        if local
+        else os.path.join(tempfile.mkdtemp(prefix="clvray-logs-"), "ray.log")
+    )
+    with ray_logs_to(log_file):
+        connect_ray(cfg)
+        check_fits(cfg)  # a worker or actor count that would wait forever fails before work
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = (
+            os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+        )
+        storage.makedirs(run_dir)
+        storage.write_text(join(run_dir, "config.yaml"), cfg.to_yaml())
+        log.info("run directory %s (Ray's logs: %s)", run_dir, log_file)
+        ensure_synthetic(cfg, storage)
+        result = runner.run(until=until, only=only)
+        out: dict = {
+            "run_dir": run_dir,
+            "ran_stages": result.ran,
+            "skipped_stages": result.skipped,
+            "timings_s": runner.timings(),
+        }
+        if runner.done("evaluate"):
+            metrics = storage.read_json(join(run_dir, "evaluate", "metrics.json"))
+            out = {**metrics, **out, "cluster": _cluster_resources()}
+            if runner.done("report"):
+                out["report"] = runner.marker("report")["report"]  # type: ignore[index]
+            storage.write_json(join(run_dir, "metrics.json"), out)
+            if cfg.tracking.mlflow_uri:
+                observability.log_to_mlflow(run_dir, cfg, out, storage, cfg.tracking.mlflow_uri)
+    if not local:
+        with open(log_file, "rb") as f:
+            storage.write_bytes(join(run_dir, "logs", "ray.log"), f.read())
+    return out
 
 
 def _cluster_resources() -> dict:
@@ -302,34 +226,6 @@ def _cluster_resources() -> dict:
         "GPU": res.get("GPU", 0.0),
         "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
     }
-
-
-def _topic_features(run: Run, variant: str) -> bool:
-    topics = run.cfg.text.topics
-    return (
-        topics.enabled
-        and topics.as_features
-        and run.done("text/topics")
-        and run.info("text/topics")["variant"] == variant
-    )
-
-
-def _topics_summary(run: Run) -> dict:
-    """Each topic's words, size and over-representation among predicted churners and the top
-    value segment (one row per topic reaches the driver)."""
-    from clvray.text.topics import topic_profile
-    from clvray.textpath import topics_dir
-
-    info = run.info("text/topics")
-    names = {int(k): v for k, v in info["words"].items()}
-    rows = topic_profile(
-        read_parquet(join(topics_dir(run.run_dir), "assignments"), run.storage),
-        read_parquet(join(run.run_dir, "scores"), run.storage),
-        names,
-        top_segment=run.cfg.score.n_segments,
-        num_partitions=run.cfg.features.num_partitions,
-    )
-    return {"variant": info["variant"], "churn_threshold": 0.5, "topics": rows}
 
 
 def summarize_segments(scores) -> pd.DataFrame:

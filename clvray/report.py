@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from clvray import metrics as m
+from clvray.contract import require_columns
 from clvray.storage import Storage, join
 
 MISSING = "–"
@@ -125,12 +126,7 @@ def _count(value: object) -> str:
 
 
 def _require(frame: pd.DataFrame, columns: Iterable[str], name: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"report: {name} lacks column(s) {', '.join(missing)} "
-            f"(has {', '.join(map(str, frame.columns))})"
-        )
+    require_columns(frame.columns, columns, f"report: {name}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Batch scoring of every customer with Ray Data: boosters loaded once per actor.
 
 Output `scores/`: customer_id, split, future_value_pred, churn_prob, value_p10/p50/p90,
-value_segment (1 = lowest decile of predicted value .. n_segments = highest, edges fitted on
-train customers and saved with the model) and the top contributing features of the value
+value_segment (1 = lowest decile of predicted value .. n_segments = highest, edges are
+quantiles of the scored train split, saved beside the scores), the labels when the input has
+them and the top contributing features of the value
 prediction (XGBoost `pred_contribs`).
 """
 
@@ -17,26 +18,42 @@ from clvray.io import write_parquet
 from clvray.storage import Storage, join
 from clvray.train import Boosters
 
-# A bounded sample is enough to place decile edges; the driver never sees all customers.
-EDGE_SAMPLE_ROWS = 200_000
+SEGMENTS_FILE = "_segments.json"
+"""Segment edges beside the scores they were fitted on (`_`: parquet readers skip it)."""
+LABELS = ("future_value", "churned")
+"""Label columns passed through to `scores/` when the input has them (evaluation reads them)."""
 
 
-def fit_segment_edges(
-    customers, model_uri: str, storage: Storage, n_segments: int, n_customers: int
-) -> list[float]:
-    """Quantile edges of predicted value over (a sample of) train customers; saved with the model."""
-    frac = min(1.0, EDGE_SAMPLE_ROWS / max(n_customers, 1))
-    boosters = Boosters(model_uri, storage)
-    train = customers.filter(expr="split == 'train'")
-    sample = (
-        (train.random_sample(frac, seed=0) if frac < 1 else train)
-        .select_columns(boosters.features)
-        .to_pandas()
+def fit_segment_edges(predictions, n_segments: int, sample_rows: int) -> list[float]:
+    """Quantile edges of `future_value_pred` over the scored train split.
+
+    `predictions` is a scored dataset (`customer_id`, `split`, `future_value_pred`). At most
+    about `sample_rows` train customers (a stable hash sample, the same whatever the block
+    layout) reach the driver: two floats each.
+    """
+    train = predictions.filter(expr="split == 'train'").select_columns(
+        ["customer_id", "future_value_pred"]
     )
-    pred = boosters.predict(sample)["future_value_pred"]
-    edges = np.quantile(pred, np.linspace(0, 1, n_segments + 1)[1:-1]).tolist() if len(pred) else []
-    storage.write_json(join(model_uri, "segments.json"), {"edges": edges, "n_segments": n_segments})
-    return edges
+    frac = min(1.0, sample_rows / max(train.count(), 1))
+    if frac < 1:
+        train = train.map_batches(_hash_sample, fn_kwargs={"frac": frac}, batch_format="pandas")
+    sample = train.to_pandas()
+    pred = sample.sort_values("customer_id")["future_value_pred"].to_numpy(float)
+    if not len(pred):
+        return []
+    return np.quantile(pred, np.linspace(0, 1, n_segments + 1)[1:-1]).tolist()
+
+
+def _hash_sample(batch: pd.DataFrame, frac: float) -> pd.DataFrame:
+    from clvray.contract import unit_hash
+
+    return batch[unit_hash(batch["customer_id"], "segments") < frac]
+
+
+def assign_segments(batch: pd.DataFrame, edges: list[float]) -> pd.DataFrame:
+    """`value_segment`: 1 (lowest predicted value) .. len(edges) + 1 (highest)."""
+    segment = np.searchsorted(np.asarray(edges), batch["future_value_pred"].to_numpy(), "right")
+    return batch.assign(value_segment=segment + 1)
 
 
 def top_contributions(contribs: np.ndarray, features: list[str], k: int) -> dict[str, list]:
@@ -52,11 +69,14 @@ def top_contributions(contribs: np.ndarray, features: list[str], k: int) -> dict
 
 
 class Scorer:
-    """Callable class for `map_batches`: loads the boosters once per actor."""
+    """Callable class for `map_batches`: loads the boosters once per actor. With `edges`
+    (serving, or a finished run's `_segments.json`) each row also gets its `value_segment`."""
 
-    def __init__(self, model_uri: str, storage: Storage, top_k: int):
+    def __init__(
+        self, model_uri: str, storage: Storage, top_k: int, edges: list[float] | None = None
+    ):
         self.boosters = Boosters(model_uri, storage)
-        self.edges = np.asarray(storage.read_json(join(model_uri, "segments.json"))["edges"])
+        self.edges = edges
         self.top_k = top_k
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -64,11 +84,13 @@ class Scorer:
         out = pd.DataFrame(
             {"customer_id": batch["customer_id"].to_numpy(), "split": batch["split"].to_numpy()}
         )
+        for name in LABELS:
+            if name in batch:
+                out[name] = batch[name].to_numpy()
         for name, values in preds.items():
             out[name] = np.asarray(values, dtype="float64")
-        out["value_segment"] = (
-            np.searchsorted(self.edges, out["future_value_pred"].to_numpy(), side="right") + 1
-        )
+        if self.edges is not None:
+            out = assign_segments(out, self.edges)
         if self.top_k:
             contribs = self.boosters.contributions(batch)
             for name, values in top_contributions(
@@ -86,13 +108,21 @@ def score_customers(
     model_uri: str,
     cfg: ScoreSection,
     storage: Storage,
-    run_dir: str,
-    max_actors: int = 2,
-) -> str:
-    """Write `<run_dir>/scores/` for every customer in `customers`; returns its URI."""
+    out_uri: str,
+    scratch_uri: str,
+) -> list[float]:
+    """Score every customer of `customers` into `out_uri`; returns the segment edges.
+
+    Predictions run once, on an actor pool (`score.max_actors` actors of
+    `score.cpus_per_actor` CPUs), and go to `scratch_uri`; the segment edges are quantiles of
+    the scored train split; a second, cheap pass adds `value_segment` and writes `out_uri`
+    with the edges beside it (`_segments.json`). No booster runs on the driver.
+    """
     import ray.data
 
-    scores = customers.map_batches(
+    from clvray.io import read_parquet
+
+    scored = customers.map_batches(
         Scorer,
         fn_constructor_kwargs={
             "model_uri": model_uri,
@@ -101,9 +131,21 @@ def score_customers(
         },
         batch_size=cfg.batch_size,
         batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.max_actors),
+        num_cpus=cfg.cpus_per_actor,
     )
-    out = join(run_dir, "scores")
-    write_parquet(scores, out, storage)
-    return out
+    write_parquet(scored, scratch_uri, storage)
+    edges = fit_segment_edges(
+        read_parquet(scratch_uri, storage), cfg.n_segments, cfg.edge_sample_rows
+    )
+    segmented = read_parquet(scratch_uri, storage).map_batches(
+        assign_segments, fn_kwargs={"edges": edges}, batch_format="pandas"
+    )
+    write_parquet(segmented, out_uri, storage)
+    storage.write_json(join(out_uri, SEGMENTS_FILE), {"edges": edges, "n_segments": cfg.n_segments})
+    storage.delete_dir(scratch_uri)
+    return edges
+
+
+def load_segment_edges(scores_uri: str, storage: Storage) -> list[float]:
+    return list(storage.read_json(join(scores_uri, SEGMENTS_FILE))["edges"])

@@ -94,6 +94,28 @@ class Storage:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
+    def move_dir(self, src: str, dst: str) -> None:
+        """Replace `dst` with the folder `src` (a rename on a local disk; copy then delete on
+        S3, which has no rename). Used to commit a stage's staged output."""
+        self.delete_dir(dst)
+        src_fs, src_path = self.filesystem(src)
+        dst_fs, dst_path = self.filesystem(dst)
+        if src_fs.get_file_info(src_path).type == pafs.FileType.NotFound:
+            return
+        parent = posixpath.dirname(dst_path)
+        if parent:
+            dst_fs.create_dir(parent, recursive=True)
+        if isinstance(src_fs, pafs.LocalFileSystem) and isinstance(dst_fs, pafs.LocalFileSystem):
+            src_fs.move(src_path, dst_path)
+            return
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        src_fs.delete_dir(src_path)
+
+    def delete_file(self, uri: str) -> None:
+        fs, path = self.filesystem(uri)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+
     def upload_dir(self, local_dir: str, uri: str) -> None:
         """Copy a small local folder (a model, a report) to `uri`."""
         fs, path = self.filesystem(uri)
@@ -108,6 +130,27 @@ class Storage:
         pafs.copy_files(
             path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
         )
+
+
+@dataclass(frozen=True)
+class StagingStorage(Storage):
+    """A `Storage` that sends every read and write under a stage's declared outputs to that
+    stage's staging folder, so a stage function writes to its final paths (`<run>/scores/...`)
+    while nothing lands there until the runner commits. Picklable like `Storage`: Ray tasks and
+    Train workers that write through it write to the staging folder too."""
+
+    redirects: tuple[tuple[str, str], ...] = ()
+    """(final URI prefix, staging URI prefix) pairs."""
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        for final, staged in self.redirects:
+            if uri == final or uri.startswith(final + "/"):
+                uri = staged + uri[len(final) :]
+                break
+        return super().filesystem(uri)
+
+    def plain(self) -> Storage:
+        return Storage(self.endpoint_url, self.region)
 
 
 def _endpoint(endpoint_url: str) -> dict[str, str]:

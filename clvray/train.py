@@ -272,7 +272,7 @@ def train_models(
             name=f"xgboost-{variant}-{os.path.basename(run_dir.rstrip('/'))}",
             storage_path=storage_path,
             storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=1),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": train_ds, "valid": valid_ds},
     )

@@ -1,17 +1,19 @@
 """Run the whole clvray job: `python jobs/pipeline.py --config configs/demo.yaml [--set k=v ...]`.
 
 Connects to the cluster in RAY_ADDRESS (set by `ray job submit`) or starts a local Ray.
+`--plan` prints the stage graph and what a run would do, and runs nothing; `--until STAGE`
+and `--only STAGE` (repeatable) run a slice of the graph.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 from clvray.config import ConfigError, load_config
-from clvray.pipeline import headline, run_pipeline
+from clvray.graph import StageError
+from clvray.pipeline import headline, plan, run_pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--storage", default=None, help="run storage root: a folder or s3://bucket/prefix"
     )
-    p.add_argument("--run-id", default=None, help="run folder name (default: hash of the config)")
+    p.add_argument("--run-id", default=None, help="run folder name (default: hash of the data)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -29,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set features.horizon_days=60 (repeatable)",
     )
+    p.add_argument("--plan", action="store_true", help="print the stage graph and what would run")
+    p.add_argument("--until", default=None, help="run this stage and what it needs, then stop")
+    p.add_argument("--only", action="append", default=None, help="run only this stage (repeatable)")
     return p.parse_args(argv)
 
 
@@ -39,20 +44,32 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run.storage={args.storage}")
     if args.run_id:
         overrides.append(f"run.run_id={args.run_id}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The terminal shows clvray's stage lines; Ray's own records go to <run_dir>/logs/ray.log.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("clvray").setLevel(logging.INFO)
     try:
         cfg = load_config(args.config, overrides)
+        if args.plan:
+            print(plan(cfg, args.until, args.only))
+            return 0
+        metrics = run_pipeline(cfg, until=args.until, only=args.only)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    metrics = run_pipeline(cfg)
+    except StageError as exc:
+        print(f"stage failed: {exc}", file=sys.stderr)
+        return 1
     print(f"\nrun directory: {metrics['run_dir']}")
+    if "models" not in metrics:
+        print(f"ran {metrics['ran_stages']}, skipped {metrics['skipped_stages']}")
+        return 0
     print(
         f"cutoff {metrics['cutoff']}, horizon {metrics['horizon_days']} days, "
         f"test customers {metrics['population'].get('evaluated_test_customers')}"
     )
     print(headline(metrics).to_string(float_format=lambda v: f"{v:.3f}"))
-    print(json.dumps({"counts": metrics["counts"]}, indent=1))
+    if metrics.get("report"):
+        print(f"report: {metrics['report']}")
     return 0
 
 

@@ -28,7 +28,7 @@ def main(workdir: str, encoder: str, remove_node: bool) -> dict:
     from clvray.features import build_features, resolve_cutoff
     from clvray.ingest import ingest
     from clvray.io import read_parquet, write_parquet
-    from clvray.score import fit_segment_edges, score_customers
+    from clvray.score import score_customers
     from clvray.storage import Storage, join
     from clvray.synth import generate
     from clvray.text.embed import embed_reviews
@@ -67,8 +67,8 @@ def main(workdir: str, encoder: str, remove_node: bool) -> dict:
     customers = read_parquet(join(run_dir, "features", "customers"), storage).materialize()
     features = ["frequency", "recency_days", "T_days", "monetary", "review_count"]
     models = train_models(customers, features, cfg.train, storage, run_dir, "multinode")
-    fit_segment_edges(customers, models.uri, storage, 10, customers.count())
-    score_customers(customers, models.uri, cfg.score, storage, run_dir)
+    scratch = join(run_dir, "tmp", "scores")
+    score_customers(customers, models.uri, cfg.score, storage, join(run_dir, "scores"), scratch)
     scores = pd.read_parquet(join(run_dir, "scores"))
 
     def tag_node(batch: pd.DataFrame) -> pd.DataFrame:

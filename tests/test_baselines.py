@@ -482,7 +482,7 @@ def test_btyd_falls_back_to_observed_mean_spend_when_gamma_gamma_has_no_mean():
 
 
 def test_fit_predict_btyd_names_the_missing_column(cdnow):
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['monetary'\]"):
+    with pytest.raises(ValueError, match=r"lacks required column\(s\) \['monetary'\]"):
         baselines.fit_predict_btyd(cdnow.drop(columns="monetary"), 39.0)
     # Without value, monetary is not needed.
     baselines.fit_btyd(cdnow.drop(columns="monetary"), value=False)

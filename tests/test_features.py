@@ -92,32 +92,6 @@ def test_split_is_stable_and_shares_hold():
     assert list(split_of(["C000000", "C000001", "C000002"], 0.15, 0.2)) == list(s1[:3])
 
 
-def _fnv_splitmix_reference(customer_id: str) -> float:
-    """Independent, per-id Python computation of `unit_hash` (FNV-1a 64 + splitmix64)."""
-    mask = 2**64 - 1
-    h = 0xCBF29CE484222325
-    for byte in customer_id.encode("utf-8"):
-        h = ((h ^ byte) * 0x100000001B3) & mask
-    h ^= h >> 30
-    h = (h * 0xBF58476D1CE4E5B9) & mask
-    h ^= h >> 27
-    h = (h * 0x94D049BB133111EB) & mask
-    h ^= h >> 31
-    return (h >> 11) / 2**53
-
-
-def test_unit_hash_matches_a_per_id_reference():
-    from clvray.features import unit_hash
-
-    ids = ["C000000", "", "12345", "ünïcødé-€", "a" * 300, "x"]
-    got = unit_hash(pd.Series(ids, dtype=object))
-    assert got.tolist() == [_fnv_splitmix_reference(c) for c in ids]
-    # a sliced Arrow array (non-zero offset) hashes the same as its values
-    import pyarrow as pa
-
-    assert unit_hash(pa.array(ids).slice(2)).tolist() == got[2:].tolist()
-
-
 def _pandas_reference(
     events: pd.DataFrame, cutoff: pd.Timestamp, horizon_days: int
 ) -> pd.DataFrame:

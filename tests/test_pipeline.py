@@ -74,7 +74,7 @@ def test_metrics_json_holds_every_model_and_the_counts(pipeline_run):
 
 def test_scores_cover_every_customer_once(pipeline_run):
     run_dir, _ = pipeline_run
-    scores = pd.read_parquet(run_dir / "scores")
+    scores = pd.read_parquet(run_dir / "scores" / "gbm_text_finetuned")
     customers = pd.read_parquet(run_dir / "features" / "customers")
     assert scores["customer_id"].is_unique
     assert set(scores["customer_id"]) == set(customers["customer_id"])
@@ -89,22 +89,93 @@ def test_scores_cover_every_customer_once(pipeline_run):
     assert (scores["split"].to_numpy() == expected).all()
 
 
+def test_every_variant_is_scored_once_and_evaluated_from_its_scores(pipeline_run):
+    run_dir, _ = pipeline_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test = None
+    for variant in ("gbm_behavioural", "gbm_text_pretrained", "gbm_text_finetuned"):
+        scores = pd.read_parquet(run_dir / "scores" / variant)
+        edges = json.loads((run_dir / "scores" / variant / "_segments.json").read_text())["edges"]
+        train = scores.loc[scores["split"] == "train", "future_value_pred"]
+        # segment edges are the deciles of the scored train split
+        assert edges == pytest.approx(list(train.quantile([i / 10 for i in range(1, 10)])))
+        t = scores[scores["split"] == "test"].sort_values("customer_id")
+        test = t if test is None else test
+        assert (t["customer_id"].to_numpy() == test["customer_id"].to_numpy()).all()
+        # the metrics are those of the written scores (no second prediction on the driver)
+        from clvray.metrics import normalized_gini
+
+        gini = normalized_gini(t["future_value"].to_numpy(float), t["future_value_pred"].to_numpy())
+        assert metrics["models"][variant]["value"]["normalized_gini"] == pytest.approx(gini)
+
+
 def test_rerun_with_same_config_skips_every_stage(pipeline_run):
     import jobs.pipeline as job
 
     run_dir, argv = pipeline_run
+    first = json.loads((run_dir / "metrics.json").read_text())
     assert job.main(argv) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {
-        "ingest",
-        "features",
-        "text/finetune",
-        "text/topics",
-        "models/gbm_behavioural",
-        "scores",
-    } <= set(metrics["skipped_stages"])
-    # what the skipped stages cost when they ran is kept
-    assert {"ingest", "features", "text/finetune", "score"} <= set(metrics["timings_s"])
+    assert metrics["ran_stages"] == []
+    assert (
+        set(metrics["skipped_stages"])
+        == set(first["ran_stages"])
+        >= {
+            "ingest",
+            "features",
+            "text/finetune",
+            "text/topics",
+            "train/gbm_behavioural",
+            "score/gbm_text_finetuned",
+            "report",
+        }
+    )
+    # what the skipped stages cost when they ran is kept (from their markers)
+    assert metrics["timings_s"] == first["timings_s"]
+
+
+def test_a_changed_score_key_reruns_score_evaluate_and_report_only(pipeline_run):
+    import jobs.pipeline as job
+
+    run_dir, argv = pipeline_run
+    assert job.main([*argv, "--set", "score.top_contributions=1"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["ran_stages"]) == {
+        "score/gbm_behavioural",
+        "score/gbm_text_pretrained",
+        "score/gbm_text_finetuned",
+        "evaluate",
+        "report",
+    }
+    scores = pd.read_parquet(run_dir / "scores" / "gbm_text_finetuned")
+    assert "top_feature_1" in scores and "top_feature_2" not in scores
+
+
+def test_plan_prints_the_graph_and_what_would_run(pipeline_run, capsys):
+    import jobs.pipeline as job
+
+    _, argv = pipeline_run
+    capsys.readouterr()
+    assert job.main([*argv, "--set", "train.max_depth=3", "--plan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    status = {line.split()[0]: line for line in lines[2:] if line and not line[0].isspace()}
+    assert status["ingest"].endswith("skip: done")
+    assert status["train/gbm_behavioural"].endswith("run: config or input changed")
+    assert status["report"].endswith("run: an input re-runs")
+
+
+def test_a_cutoff_before_the_data_fails_naming_the_range(ray_local, tmp_path, capsys):
+    import jobs.pipeline as job
+
+    argv = _argv(tmp_path, "--run-id", "early", "--set", "text.enabled=false",
+                 "--set", "features.cutoff=2021-01-01", "--until", "features")  # fmt: skip
+    for _ in range(2):  # an empty stage is never marked done: the re-run fails the same way
+        assert job.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "no customer has a purchase before the cutoff 2021-01-01" in err
+        assert "the data runs from 2022-01-" in err
+    assert not (tmp_path / "early" / "features").exists()
+    assert not (tmp_path / "early" / "_stages" / "features.json").exists()
 
 
 def test_config_error_exits_with_the_key(capsys):

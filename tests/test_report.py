@@ -388,9 +388,9 @@ def test_format_number(value, digits, text) -> None:
 
 def test_missing_column_fails_at_the_door(inputs) -> None:
     metrics, scores, test_frame, segments = inputs
-    with pytest.raises(ValueError, match=r"test_frame lacks column\(s\) churned"):
+    with pytest.raises(ValueError, match=r"test_frame lacks required column\(s\) \['churned'\]"):
         render_report(metrics, scores, test_frame.drop(columns="churned"), segments)
-    with pytest.raises(ValueError, match=r"segments lacks column\(s\) churn_rate"):
+    with pytest.raises(ValueError, match=r"segments lacks required column\(s\) \['churn_rate'\]"):
         render_report(metrics, scores, test_frame, segments.drop(columns="churn_rate"))
 
 

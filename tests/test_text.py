@@ -39,7 +39,7 @@ from clvray.text.features import (
     reduce_features,
 )
 from clvray.text.finetune_data import attach_split, label_reviews, sample_by_hash
-from clvray.text.partition import TextInputError, conform, lookup
+from clvray.text.partition import TextInputError
 from clvray.text.tokens import tokenize_table
 
 CUTOFF = pd.Timestamp("2023-06-01", tz="UTC")
@@ -272,19 +272,13 @@ def test_churn_labels_come_from_train_and_valid_customers_only():
             "customer_label": pa.array([1.0, 0.0, 1.0], pa.float32()),
         }
     )
-    from clvray.text.finetune_data import JOIN_SCHEMA
-
-    block = pa.concat_tables([conform(reviews, JOIN_SCHEMA, 0), conform(customers, JOIN_SCHEMA, 1)])
-    out = attach_split(block, "churn", "s").to_pandas().set_index("review_id")
+    # what Dataset.join(customers, "inner") hands attach_split: the reviews of known customers
+    joined = reviews.to_pandas().merge(customers.to_pandas(), on="customer_id", how="inner")
+    out = attach_split(pa.Table.from_pandas(joined, preserve_index=False), "churn", "s")
+    out = out.to_pandas().set_index("review_id")
     assert sorted(out.index) == ["r-tr", "r-va"]
     assert out.loc["r-tr", "label"] == 1.0 and out.loc["r-tr", "split"] == "train"
     assert out.loc["r-va", "label"] == 0.0 and out.loc["r-va", "split"] == "valid"
-
-
-def test_lookup_keeps_left_rows_and_first_right_row():
-    left = pa.table({"customer_id": ["a", "b", "c", "a"], "x": [1, 2, 3, 4]})
-    right = pa.table({"customer_id": ["b", "a", "b"], "split": ["valid", "train", "test"]})
-    assert lookup(left, right, ["split"])["split"].to_pylist() == ["train", "valid", None, "train"]
 
 
 def test_hash_sample_is_stable_and_near_the_fraction():
@@ -560,7 +554,7 @@ def _embeddings(customers: pd.DataFrame, bump_non_train: float = 0.0) -> pd.Data
 
 
 def test_reduction_fit_ignores_valid_and_test_customers(text_data):
-    from clvray.text.features import JOIN_SCHEMA, aggregate_partition, embedding_rows, train_sample
+    from clvray.text.features import aggregate_partition, embedding_rows, train_sample
 
     customers = text_data["customers"].head(30)
     fits = []
@@ -569,8 +563,11 @@ def test_reduction_fit_ignores_valid_and_test_customers(text_data):
             pa.Table.from_pandas(_embeddings(customers, bump), preserve_index=False), CUTOFF
         )
         split = pa.Table.from_pandas(customers[["customer_id", "split"]], preserve_index=False)
-        block = pa.concat_tables([conform(reviews, JOIN_SCHEMA, 0), conform(split, JOIN_SCHEMA, 1)])
-        aggs = aggregate_partition(block, CUTOFF, 30.0)
+        aggs = aggregate_partition(reviews, CUTOFF, 30.0)
+        aggs = pa.Table.from_pandas(  # the split, as the stage's Dataset.join adds it
+            aggs.to_pandas().merge(split.to_pandas(), on="customer_id", how="left"),
+            preserve_index=False,
+        )
         sample = train_sample(aggs, 1.0)
         assert sorted(sample["customer_id"].to_pylist()) == sorted(
             customers.loc[customers["split"] == "train", "customer_id"]

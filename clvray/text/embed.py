@@ -29,11 +29,11 @@ import pyarrow.compute as pc
 import torch
 
 from clvray.config import TextSection
-from clvray.contract import TS
+from clvray.contract import TS, as_utc
 from clvray.resources import Cluster, embed_actors, embed_threads
 from clvray.storage import Storage
 from clvray.text.encoder import LoadedTextModel, load_text_model, pad_batch, pick_device, pick_dtype
-from clvray.text.partition import as_utc, before_cutoff, require_columns
+from clvray.text.partition import before_cutoff, require_columns
 from clvray.text.source import resolve_model_path
 from clvray.text.tokens import tokenize_reviews
 

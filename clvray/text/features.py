@@ -14,8 +14,8 @@ The reduction (`embed.reduce`: `pca`, `random` or `none`; `k = min(reduce_dim, h
 `hidden` for `none`) is fitted on a hash sample of at most `embed.reduce_fit_rows` TRAIN
 customers' mean embeddings, brought to the driver; it is saved as `reduction.npz` +
 `reduction.json` under `out_uri` so scoring applies the same map (`fitted_uri=`). Row-level data
-never passes through the driver: one hash shuffle groups each customer's reviews with its row of
-the customer table, and every aggregate is computed inside the partition.
+never passes through the driver: one hash shuffle groups each customer's reviews in one block,
+where every aggregate is computed; a hash join (`Dataset.join`) then adds each customer's split.
 """
 
 from __future__ import annotations
@@ -31,16 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clvray.config import TextSection
-from clvray.contract import TS
+from clvray.contract import TS, as_utc, unit_hash
 from clvray.storage import Storage, join
 from clvray.text.partition import (
-    as_utc,
     before_cutoff,
-    co_partition,
-    lookup,
     require_columns,
-    split_sides,
-    unit_hash,
 )
 
 if TYPE_CHECKING:
@@ -51,19 +46,6 @@ log = logging.getLogger(__name__)
 REDUCTION_NPZ = "reduction.npz"
 REDUCTION_JSON = "reduction.json"
 SECONDS_PER_DAY = 86_400.0
-
-# Both sides of the embeddings -> customer join share this schema (partition.co_partition).
-# Variable-size lists, so the customer side needs no knowledge of the hidden size.
-JOIN_SCHEMA = pa.schema(
-    [
-        ("customer_id", pa.string()),
-        ("ts", TS),
-        ("embedding", pa.list_(pa.float32())),
-        ("score", pa.float32()),
-        ("split", pa.string()),
-    ]
-)
-
 
 # --- plain functions (tested without Ray) ------------------------------------------------------
 
@@ -278,9 +260,9 @@ def customer_split_rows(table: pa.Table) -> pa.Table:
 
 
 def aggregate_partition(table: pa.Table, cutoff: pd.Timestamp, half_life_days: float) -> pa.Table:
-    reviews, customers = split_sides(table)
+    """Per-customer aggregates of a block holding every review of each of its customers."""
     aggs = aggregate_customer_text(
-        reviews.select(["customer_id", "ts", "embedding", "score"]).to_pandas(),
+        table.select(["customer_id", "ts", "embedding", "score"]).to_pandas(),
         cutoff,
         half_life_days,
     )
@@ -294,7 +276,7 @@ def aggregate_partition(table: pa.Table, cutoff: pd.Timestamp, half_life_days: f
             "emb_rw": _list_array(embedding_matrix(aggs["emb_rw"].to_numpy()), len(aggs)),
         }
     )
-    return lookup(out, customers, ["split"])
+    return out
 
 
 def train_sample(table: pa.Table, frac: float) -> pa.Table:
@@ -338,12 +320,18 @@ def build_text_features(
         customer_split_rows, batch_format="pyarrow"
     )
     aggs = (
-        co_partition(reviews, customers, JOIN_SCHEMA, cfg.num_partitions)
+        reviews.repartition(cfg.num_partitions, keys=["customer_id"])
         .map_batches(
             aggregate_partition,
             fn_kwargs={"cutoff": cutoff, "half_life_days": emb.recency_half_life_days},
             batch_size=None,
             batch_format="pyarrow",
+        )
+        .join(
+            customers,
+            join_type="left_outer",
+            num_partitions=cfg.num_partitions,
+            on=("customer_id",),
         )
         .materialize()
     )

@@ -36,6 +36,7 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from clvray.config import TextSection
+from clvray.contract import as_utc
 from clvray.storage import Storage, join
 from clvray.text.encoder import (
     META_FILE,
@@ -50,7 +51,6 @@ from clvray.text.encoder import (
     save_text_model,
 )
 from clvray.text.finetune_data import build_finetune_datasets
-from clvray.text.partition import as_utc
 
 if TYPE_CHECKING:
     from ray.data import Dataset

@@ -14,34 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clvray.config import TextSection
+from clvray.contract import as_utc, unit_hash
 from clvray.storage import Storage
-from clvray.text.partition import (
-    as_utc,
-    before_cutoff,
-    co_partition,
-    lookup,
-    require_columns,
-    split_sides,
-    unit_hash,
-)
+from clvray.text.partition import before_cutoff, require_columns
 from clvray.text.tokens import tokenize_reviews
 
 if TYPE_CHECKING:
     from ray.data import Dataset
 
 FIT_SPLITS = ("train", "valid")
-
-# One schema for both sides of the review -> customer join (see partition.co_partition).
-JOIN_SCHEMA = pa.schema(
-    [
-        ("customer_id", pa.string()),
-        ("review_id", pa.string()),
-        ("text", pa.string()),
-        ("label", pa.float32()),
-        ("split", pa.string()),
-        ("customer_label", pa.float32()),
-    ]
-)
 
 
 def label_reviews(table: pa.Table, cutoff: pd.Timestamp, target: str) -> pa.Table:
@@ -74,21 +55,21 @@ def customer_side(table: pa.Table, target: str, label_column: str) -> pa.Table:
     return pa.table(cols)
 
 
-def attach_split(table: pa.Table, target: str, salt: str) -> pa.Table:
-    """One co-partitioned block -> reviews of train/valid customers with split, label, `_u`.
+def attach_split(rows: pa.Table, target: str, salt: str) -> pa.Table:
+    """Reviews joined with their customer's row -> reviews of train/valid customers with
+    split, label, `_u`.
 
     For `churn` the label is the customer's (test customers and customers outside the table
     are dropped, so their labels are never seen). `_u` is a stable uniform draw per review id,
     the key of the deterministic sample.
     """
-    reviews, customers = split_sides(table)
-    rows = lookup(reviews, customers, ["split", "customer_label"])
     if target == "churn":
         rows = rows.set_column(
             rows.schema.get_field_index("label"), "label", rows["customer_label"]
         )
     keep = pc.and_(pc.is_in(rows["split"], pa.array(list(FIT_SPLITS))), pc.is_valid(rows["label"]))
-    rows = rows.filter(pc.fill_null(keep, False)).drop_columns(["customer_id", "customer_label"])
+    drop = [c for c in ("customer_id", "customer_label") if c in rows.column_names]
+    rows = rows.filter(pc.fill_null(keep, False)).drop_columns(drop)
     return rows.append_column("_u", pa.array(unit_hash(rows["review_id"], salt), type=pa.float64()))
 
 
@@ -128,7 +109,7 @@ def build_finetune_datasets(
     (validation); columns review_id, split, label (float32), input_ids (list<int32>), n_tokens.
     With `finetune.max_reviews` set, at most that many reviews, chosen by a hash of the review
     id (the same sample on every run). Costs: a counting pass over the reviews and the customer
-    table, one hash shuffle of the sampled reviews with the customer table, and object-store
+    table, one hash join of the sampled reviews with the customer table, and object-store
     memory for the sample. With `max_reviews: null` every review is tokenized and held.
     """
     ft = cfg.finetune
@@ -163,12 +144,10 @@ def build_finetune_datasets(
             reviews = reviews.map_batches(
                 sample_by_hash, fn_kwargs={"frac": frac, "salt": salt}, batch_format="pyarrow"
             )
-    joined = co_partition(reviews, customers, JOIN_SCHEMA, cfg.num_partitions).map_batches(
-        attach_split,
-        fn_kwargs={"target": target, "salt": salt},
-        batch_size=None,
-        batch_format="pyarrow",
-    )
+    # Customers outside the table have no split: an inner join drops their reviews.
+    joined = reviews.join(
+        customers, join_type="inner", num_partitions=cfg.num_partitions, on=("customer_id",)
+    ).map_batches(attach_split, fn_kwargs={"target": target, "salt": salt}, batch_format="pyarrow")
     if ft.max_reviews is not None:
         joined = joined.materialize()
         # Only the sampling keys (at most ~1.2 * max_reviews floats) come to the driver.

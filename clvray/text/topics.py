@@ -31,9 +31,10 @@ import pandas as pd
 import pyarrow as pa
 
 from clvray.config import TopicsSection
+from clvray.contract import unit_hash
 from clvray.storage import Storage, join
 from clvray.text.features import embedding_matrix
-from clvray.text.partition import require_columns, unit_hash
+from clvray.text.partition import require_columns
 
 if TYPE_CHECKING:
     from ray.data import Dataset
