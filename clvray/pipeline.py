@@ -21,7 +21,7 @@ from clvray import btyd, observability
 from clvray import evaluate as evaluation
 from clvray.config import Config
 from clvray.features import FEATURES, build_features, categorical_columns, resolve_cutoff
-from clvray.ingest import ingest
+from clvray.ingest import check_time_protocol, ingest
 from clvray.io import read_parquet, write_parquet
 from clvray.report import write_report
 from clvray.score import fit_segment_edges, score_customers
@@ -166,6 +166,7 @@ def run_pipeline(cfg: Config) -> dict:
             observability.record_counts(counts)
         run.mark("ingest", {"counts": counts})
     counts = run.info("ingest")["counts"]
+    check_time_protocol(cfg, counts)  # cutoff / horizon inside the data, before any features
 
     cutoff = resolve_cutoff(cfg, storage, run_dir)
     if run.done("features"):
