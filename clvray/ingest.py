@@ -7,11 +7,11 @@ naming the file and the rule (`clvray.io.plan_parts`).
 The plan runs once: read tasks (one per CSV / JSON lines file, one per group of parquet row
 groups of at most `ingest.block_rows` rows) read their part with clvray's own error handling,
 map it to contract columns and apply the row rules (`clvray.contract`, vectorised), all in
-one task; the validated rows (contract columns, reason, and the raw row for rejects only) are
-staged once as parquet under `<run>/tmp/`, then split into accepted rows and rejects by two
-cheap filters over the staged files. `rows_in` is the staged row count (each input row, or
-each malformed line, or each skipped file, is one staged row); accepted and rejected are
-counted on what was written, and the three are checked to add up.
+one task, and the same task writes the block's accepted rows to `ingest/<table>/` and its
+rejects (with the raw row, serialised for rejects only) to `rejects/<table>/`, returning a
+one-row summary. `rows_in` sums the summaries (each input row, malformed line or skipped
+file is one validated row); accepted and rejected are checked against the footers of the
+files written, and the three are checked to add up.
 
 Reviews are shuffled by `review_id` to enforce uniqueness (after the text was truncated and
 scrubbed in the read task, so the shuffle moves bounded rows).
@@ -28,12 +28,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -53,15 +55,13 @@ from clvray.contract import (
     malformed_rows,
     mark_duplicates,
     rejected_rows,
-    staged_schema,
     to_utc_timestamp,
     validate_customers_table,
     validate_reviews_table,
     validate_transactions_table,
 )
 from clvray.features import categorical_name
-from clvray.io import BadFileError, FilePart, plan_parts, read_part, write_parquet
-from clvray.io import read_parquet as _read_parquet
+from clvray.io import BadFileError, FilePart, plan_parts, read_part
 from clvray.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def ingest_table(
             batch_format="pyarrow",
             fn_kwargs={"key": "review_id", "order_by": _REVIEW_ORDER},
         )
-    return stage_and_split(
+    return write_split(
         table, validated, SCHEMAS[table], getattr(cfg.data, table), cfg, storage, run_dir
     )
 
@@ -255,7 +255,68 @@ def _bad_file_in(exc: BaseException) -> BadFileError | None:
     return None
 
 
-def stage_and_split(
+_SUMMARY = pa.schema(
+    [
+        ("file", pa.string()),
+        ("accepted", pa.int64()),
+        ("rejected", pa.int64()),
+        ("decode_errors", pa.int64()),
+        ("reasons", pa.string()),
+        ("ts_min", pa.int64()),
+        ("ts_max", pa.int64()),
+    ]
+)
+
+
+def write_block(
+    batch: pa.Table,
+    table: str,
+    schema: pa.Schema,
+    accepted_uri: str,
+    rejects_uri: str,
+    storage: Storage,
+) -> pa.Table:
+    """Write one block's accepted rows and rejects as parquet files (same name in both
+    folders) and return a one-row summary: counts, reasons, decode errors, time range.
+
+    This is where ingest's single execution ends: the validated rows are never re-computed
+    and never go through the driver; only the summaries (one row per block) do.
+    """
+    name = f"{uuid.uuid4().hex}.parquet"
+    if batch.num_rows == 0:
+        return pa.table({"file": [name], "accepted": [0], "rejected": [0], "decode_errors": [0],
+                         "reasons": ["{}"], "ts_min": [None], "ts_max": [None]}, schema=_SUMMARY)  # fmt: skip
+    accepted = accepted_rows(batch, schema)
+    rejected = rejected_rows(batch, table)
+    for rows, uri in ((accepted, accepted_uri), (rejected, rejects_uri)):
+        if rows.num_rows:
+            fs, path = storage.filesystem(join(uri, name))
+            pq.write_table(rows, path, filesystem=fs)
+    reasons: dict[str, int] = {}
+    if rejected.num_rows:
+        grouped = rejected.group_by("reason").aggregate([("reason", "count")])
+        reasons = dict(
+            zip(grouped["reason"].to_pylist(), grouped["reason_count"].to_pylist(), strict=True)
+        )
+    lo = hi = None
+    if "ts" in schema.names and accepted.num_rows:
+        mm = pc.min_max(accepted.column("ts").cast(pa.int64()))
+        lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    return pa.table(
+        {
+            "file": [name],
+            "accepted": [accepted.num_rows],
+            "rejected": [rejected.num_rows],
+            "decode_errors": [int(pc.sum(batch.column(DECODE_ERRORS)).as_py() or 0)],
+            "reasons": [json.dumps(reasons)],
+            "ts_min": [lo],
+            "ts_max": [hi],
+        },
+        schema=_SUMMARY,
+    )
+
+
+def write_split(
     table: str,
     validated,
     schema: pa.Schema,
@@ -263,137 +324,105 @@ def stage_and_split(
     cfg: Config,
     storage: Storage,
     run_dir: str,
-    rows_in: int | None = None,
 ) -> TableCounts:
-    """Execute `validated` once into a staged parquet folder, then write its accepted rows
-    and rejects from the staged files; count, check and return the counts."""
-    staged_uri = join(run_dir, "tmp", f"{table}_validated")
+    """Execute `validated` once, each task writing its accepted rows and rejects; then count
+    from the summaries, check against the files written, and return the counts.
+
+    Files that no summary names (left by a task attempt that failed after writing) are
+    deleted, so a retried task never doubles rows.
+    """
+    accepted_uri = join(run_dir, "ingest", table)
+    rejects_uri = join(run_dir, "rejects", table)
+    for uri in (accepted_uri, rejects_uri):
+        storage.delete_dir(uri)
+        storage.makedirs(uri)
+    summaries = validated.map_batches(
+        write_block,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "table": table,
+            "schema": schema,
+            "accepted_uri": accepted_uri,
+            "rejects_uri": rejects_uri,
+            "storage": storage,
+        },
+    )
     try:
-        try:
-            write_parquet(validated, staged_uri, storage, schema=staged_schema(schema))
-        except Exception as exc:
-            bad = _bad_file_in(exc)
-            if bad is None:
-                raise
-            raise bad from None
-        staged_rows = _footer_stats(staged_uri, storage).rows
-        staged = _read_parquet(staged_uri, storage)
-        accepted_uri = join(run_dir, "ingest", table)
-        rejects_uri = join(run_dir, "rejects", table)
-        write_parquet(
-            staged.map_batches(accepted_rows, batch_format="pyarrow", fn_kwargs={"schema": schema}),
-            accepted_uri,
-            storage,
-            schema=schema,
-        )
-        write_parquet(
-            staged.map_batches(rejected_rows, batch_format="pyarrow", fn_kwargs={"name": table}),
-            rejects_uri,
-            storage,
-            schema=REJECTS,
-        )
-        decode_errors = 0
-        if staged_rows:
-            decode_errors = int(
-                _read_parquet(staged_uri, storage, columns=[DECODE_ERRORS]).sum(DECODE_ERRORS) or 0
-            )
-    finally:
-        storage.delete_dir(staged_uri)
-    return _count_and_check(
-        table,
-        staged_rows if rows_in is None else rows_in,
-        accepted_uri,
-        rejects_uri,
-        decode_errors,
-        source_uri,
-        cfg,
-        storage,
-    )
-
-
-@dataclass
-class _Footers:
-    rows: int
-    ts_min: pd.Timestamp | None
-    ts_max: pd.Timestamp | None
-
-
-def _footer_stats(uri: str, storage: Storage, ts_column: str | None = None) -> _Footers:
-    """Row count (and `ts_column`'s min / max) of a parquet folder from its footers only."""
-    fs, _ = storage.filesystem(uri)
-    rows, lo, hi = 0, None, None
-    for f in storage.list_files(uri):
-        if not f.endswith(".parquet"):
-            continue
-        with fs.open_input_file(f) as src:
-            meta = pq.ParquetFile(src).metadata
-        rows += meta.num_rows
-        if ts_column is None:
-            continue
-        idx = meta.schema.to_arrow_schema().get_field_index(ts_column)
-        for g in range(meta.num_row_groups):
-            stats = meta.row_group(g).column(idx).statistics
-            if stats is None or not stats.has_min_max:
-                continue
-            gmin, gmax = pd.Timestamp(stats.min), pd.Timestamp(stats.max)
-            lo = gmin if lo is None else min(lo, gmin)
-            hi = gmax if hi is None else max(hi, gmax)
-    return _Footers(rows, lo, hi)
-
-
-def _count_and_check(
-    table: str,
-    rows_in: int,
-    accepted_uri: str,
-    rejects_uri: str,
-    decode_errors: int,
-    source_uri: str,
-    cfg: Config,
-    storage: Storage,
-) -> TableCounts:
-    accepted = _footer_stats(accepted_uri, storage, "ts" if table != "customers" else None)
-    rows_accepted = accepted.rows
-    rows_rejected = _footer_stats(rejects_uri, storage).rows
+        summary = pd.DataFrame(summaries.take_all(), columns=_SUMMARY.names)
+    except Exception as exc:
+        bad = _bad_file_in(exc)
+        if bad is None:
+            raise
+        raise bad from None
+    written = set(summary["file"])
+    for uri, empty in ((accepted_uri, schema), (rejects_uri, REJECTS)):
+        for f in storage.list_files(uri):
+            if f.rsplit("/", 1)[-1] not in written:
+                storage.filesystem(uri)[0].delete_file(f)
+        if not storage.list_files(uri):
+            # readers (and counts) always find the table, even when it has no rows
+            fs, path = storage.filesystem(join(uri, "empty.parquet"))
+            pq.write_table(empty.empty_table(), path, filesystem=fs)
     by_reason: dict[str, int] = {}
-    if rows_rejected:
-        # A handful of distinct reasons, pre-aggregated per block: one partition is plenty
-        # (the default, hundreds, costs more than the count on a small run).
-        grouped = (
-            _read_parquet(rejects_uri, storage, columns=["reason"])
-            .groupby("reason", num_partitions=1)
-            .count()
-            .to_pandas()
-        )
-        by_reason = {
-            str(r): int(c) for r, c in zip(grouped["reason"], grouped["count()"], strict=True)
-        }
-    counts = TableCounts(
-        rows_in,
-        rows_accepted,
-        rows_rejected,
-        by_reason,
-        decode_errors=decode_errors,
-        files_skipped=sum(c for r, c in by_reason.items() if r.startswith("file: ")),
-        ts_min=None if accepted.ts_min is None else _iso(accepted.ts_min),
-        ts_max=None if accepted.ts_max is None else _iso(accepted.ts_max),
-    )
-    if rows_in != rows_accepted + rows_rejected:
+    for text in summary["reasons"]:
+        for reason, n in json.loads(text).items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    ts_min = summary["ts_min"].dropna()
+    ts_max = summary["ts_max"].dropna()
+    rows_accepted = _footer_rows(accepted_uri, storage)
+    rows_rejected = _footer_rows(rejects_uri, storage)
+    if (rows_accepted, rows_rejected) != (summary["accepted"].sum(), summary["rejected"].sum()):
         raise RuntimeError(
-            f"{table}: rows_in {rows_in} != accepted {rows_accepted} + rejected {rows_rejected}"
+            f"{table}: files hold {rows_accepted} accepted and {rows_rejected} rejected rows, "
+            f"the tasks wrote {summary['accepted'].sum()} and {summary['rejected'].sum()}"
+        )
+    counts = TableCounts(
+        rows_in=int(summary["accepted"].sum() + summary["rejected"].sum()),
+        rows_accepted=rows_accepted,
+        rows_rejected=rows_rejected,
+        rejects_by_reason=dict(sorted(by_reason.items())),
+        decode_errors=int(summary["decode_errors"].sum()),
+        files_skipped=sum(c for r, c in by_reason.items() if r.startswith("file: ")),
+        ts_min=_iso_us(int(ts_min.min())) if len(ts_min) else None,
+        ts_max=_iso_us(int(ts_max.max())) if len(ts_max) else None,
+    )
+    return _check(table, counts, source_uri, rejects_uri, cfg)
+
+
+def _iso_us(us: int) -> str:
+    return pd.Timestamp(us, unit="us", tz="UTC").isoformat()
+
+
+def _footer_rows(uri: str, storage: Storage) -> int:
+    """Rows in a parquet folder, from file footers only (no data read)."""
+    fs, _ = storage.filesystem(uri)
+    rows = 0
+    for f in storage.list_files(uri):
+        if f.endswith(".parquet"):
+            with fs.open_input_file(f) as src:
+                rows += pq.ParquetFile(src).metadata.num_rows
+    return rows
+
+
+def _check(
+    table: str, counts: TableCounts, source_uri: str, rejects_uri: str, cfg: Config
+) -> TableCounts:
+    rows_in, rows_rejected = counts.rows_in, counts.rows_rejected
+    if rows_in != counts.rows_accepted + rows_rejected:
+        raise RuntimeError(
+            f"{table}: rows_in {rows_in} != accepted {counts.rows_accepted} + rejected "
+            f"{rows_rejected}"
         )
     share = rows_rejected / rows_in if rows_in else 0.0
     if share > cfg.ingest.max_reject_share:
         raise RejectThresholdExceeded(
             f"{source_uri}: {rows_rejected} of {rows_in} {table} rows rejected ({share:.1%}) > "
-            f"ingest.max_reject_share {cfg.ingest.max_reject_share:.1%}; by reason: {by_reason}; "
-            f"see {rejects_uri}"
+            f"ingest.max_reject_share {cfg.ingest.max_reject_share:.1%}; by reason: "
+            f"{counts.rejects_by_reason}; see {rejects_uri}"
         )
     log.info("ingest %s: %s", table, counts)
     return counts
-
-
-def _iso(ts: pd.Timestamp) -> str:
-    return to_utc_timestamp(ts).isoformat()
 
 
 def check_time_protocol(cfg: Config, counts: dict[str, dict]) -> None:
@@ -529,9 +558,7 @@ def ingest_customers(
             batch_format="pyarrow",
             fn_kwargs={"key": CUSTOMER_KEY, "order_by": tuple(customers.attributes)},
         )
-    return stage_and_split(
-        "customers", validated, schema, customers.source_uri, cfg, storage, run_dir
-    )
+    return write_split("customers", validated, schema, customers.source_uri, cfg, storage, run_dir)
 
 
 def ingest(cfg: Config, storage: Storage, run_dir: str) -> dict[str, dict]:
