@@ -485,14 +485,55 @@ def malformed_rows(schema: pa.Schema, reasons: list[str], raws: list[str]) -> pa
     return pa.table(cols, schema=staged_schema(schema))
 
 
-def raw_rows(table: pa.Table, mask: np.ndarray) -> pa.Array:
-    """JSON of the input rows where `mask` holds (null elsewhere); Python per masked row only."""
+PRIVATE_ID_COLUMNS = frozenset(
+    {*ID_COLUMNS, "CustomerID", "InvoiceNo", "reviewerID", "reviewerName"}
+)
+"""Input columns (contract or source adapter names) that hold ids or names: in a reject's raw
+row they are pseudonymized like the accepted ids when `privacy.pseudonymize_ids` is on."""
+
+
+def raw_rows(table: pa.Table, mask: np.ndarray, rules: RowRules | None = None) -> pa.Array:
+    """JSON of the input rows where `mask` holds (null elsewhere); Python per masked row only.
+
+    With `rules`, the raw row obeys the privacy settings too: id columns hashed, text
+    scrubbed, so `rejects/` holds nothing that `ingest/` may not.
+    """
     out = np.full(table.num_rows, None, dtype=object)
     idx = np.flatnonzero(mask)
     if len(idx):
-        sub = table.take(pa.array(idx)).to_pylist()
-        out[idx] = [json.dumps(r, default=_json_default, ensure_ascii=False) for r in sub]
+        sub = table.take(pa.array(idx))
+        if rules is not None:
+            sub = _private(sub, rules)
+        out[idx] = [
+            json.dumps(r, default=_json_default, ensure_ascii=False) for r in sub.to_pylist()
+        ]
     return pa.array(out, pa.string())
+
+
+def _private(table: pa.Table, rules: RowRules) -> pa.Table:
+    for i, name in enumerate(table.column_names):
+        col = table.column(i)
+        if rules.id_key is not None and name in PRIVATE_ID_COLUMNS:
+            table = table.set_column(i, name, pseudonymize(canonical_ids(col)[0], rules.id_key))
+        elif rules.scrub_text and (
+            pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        ):
+            table = table.set_column(i, name, scrub_text(col.combine_chunks()))
+    return table
+
+
+def private_raw_text(raw: str, rules: RowRules) -> str:
+    """A malformed line's raw JSON (`{"_file", "_line", "text"}`) under the privacy settings:
+    its text cannot be split into fields, so with pseudonymized ids it is withheld."""
+    if rules.id_key is None and not rules.scrub_text:
+        return raw
+    obj = json.loads(raw)
+    if "text" in obj:
+        if rules.id_key is not None:
+            obj["text"] = "<withheld: privacy.pseudonymize_ids is on>"
+        else:
+            obj["text"] = scrub_text(pa.array([obj["text"]])).to_pylist()[0]
+    return json.dumps(obj, ensure_ascii=False)
 
 
 def _json_default(v: object) -> str:
@@ -519,6 +560,7 @@ def _finish(
     flags: np.ndarray,
     schema: pa.Schema,
     source: pa.Table | None = None,
+    rules: RowRules | None = None,
 ) -> pa.Table:
     """The staged table: contract columns, reason, raw input row (rejects only), decode flags.
 
@@ -535,7 +577,7 @@ def _finish(
     for f in schema:
         out[f.name] = cols[f.name].cast(f.type)
     out[REASON] = pa.array(reasons, pa.string())
-    out[RAW] = raw_rows(source, rejected)
+    out[RAW] = raw_rows(source, rejected, rules)
     out[DECODE_ERRORS] = pa.array(flags.astype(np.int32), pa.int32())
     return pa.table(out, schema=staged_schema(schema))
 
@@ -573,7 +615,7 @@ def validate_transactions_table(
         "ts": ts.ts,
         "amount": pa.array(amount, pa.float64()),
     }
-    return _finish(table, cols, reasons, f1 + f2, TRANSACTIONS, source)
+    return _finish(table, cols, reasons, f1 + f2, TRANSACTIONS, source, rules)
 
 
 def clean_text(values, rules: RowRules) -> tuple[pa.Array, np.ndarray]:
@@ -624,7 +666,7 @@ def validate_reviews_table(
         "order_id": order_id,
         "product_id": product_id,
     }
-    return _finish(table, cols, reasons, f1 + f2 + f3 + f4 + f5, REVIEWS, source)
+    return _finish(table, cols, reasons, f1 + f2 + f3 + f4 + f5, REVIEWS, source, rules)
 
 
 def _to_frame(staged: pa.Table) -> pd.DataFrame:
@@ -672,7 +714,7 @@ def validate_customers_table(
         values, f = canonical_ids(_column(table, a))
         cols[a] = values
         flags = flags + f
-    return _finish(table, cols, reasons, flags, customers_schema(attributes), source)
+    return _finish(table, cols, reasons, flags, customers_schema(attributes), source, rules)
 
 
 def validate_customers(

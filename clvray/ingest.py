@@ -54,6 +54,7 @@ from clvray.contract import (
     customers_schema,
     malformed_rows,
     mark_duplicates,
+    private_raw_text,
     rejected_rows,
     to_utc_timestamp,
     validate_customers_table,
@@ -167,7 +168,8 @@ def read_validate_part(
     mapped = adapters.to_contract_columns(source, table, read.table)
     staged = _VALIDATORS[table](mapped, rules, source=read.table)
     if read.bad_reasons:
-        staged = pa.concat_tables([staged, malformed_rows(schema, read.bad_reasons, read.bad_raws)])
+        raws = [private_raw_text(r, rules) for r in read.bad_raws]
+        staged = pa.concat_tables([staged, malformed_rows(schema, read.bad_reasons, raws)])
     return staged
 
 
