@@ -24,8 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clvray.contract import CUSTOMER_KEY, canonical_ids, check_columns, customers_schema
-from clvray.io import InputError, read_input
-from clvray.storage import Storage
+from clvray.io import InputError
 
 
 def amazon_to_reviews(batch: pd.DataFrame) -> pd.DataFrame:
@@ -85,15 +84,16 @@ _ADAPTERS = {
 
 
 ONLINE_RETAIL_ATTRIBUTES = ["Country"]
-# IDs as strings: CustomerID "12346.0" in a CSV column with gaps is still customer 12346.
-_STRING_COLUMNS = ["CustomerID", "InvoiceNo", "InvoiceDate", "StockCode"]
 # Amazon review JSON: text-like fields stay strings even when a block starts with nulls.
 _JSON_STRING_COLUMNS = ["reviewerID", "asin", "reviewerName", "reviewText", "summary", "reviewTime"]
 _LINE_SCHEMA = pa.schema([(CUSTOMER_KEY, pa.string()), ("Country", pa.string())])
 
 
-def online_retail_customer_lines(batch: pd.DataFrame) -> pa.Table:
+def online_retail_customer_lines(batch: pa.Table | pd.DataFrame) -> pa.Table:
     """(customer_id, Country) of every line with a CustomerID; a missing Country is ""."""
+    columns = batch.columns if isinstance(batch, pd.DataFrame) else batch.column_names
+    if "Country" not in columns:
+        raise InputError("online_retail_csv input lacks column(s) ['Country']")
     # The same canonical ids ingest gives transactions: a line it rejects names no customer,
     # and "12346.0" is customer "12346" in both tables.
     ids, _ = canonical_ids(batch["CustomerID"])
@@ -127,27 +127,19 @@ def most_frequent_country(counts: pd.DataFrame) -> pa.Table:
     )
 
 
-def online_retail_customers(uri: str, storage: Storage, num_partitions: int):
+def online_retail_customers(lines, uri: str, num_partitions: int):
     """Lazy dataset of one row per distinct CustomerID of an Online Retail CSV, with Country.
 
-    Cost: one pass over the lines and two shuffles, the first of (customer, country) line
-    counts (one row per pair), the second of those counts by customer; nothing row-level
-    reaches the driver and each task holds one partition of the pairs.
+    `lines` is the CSV's rows as read (ingest's reader). Cost: one pass over the lines and two
+    shuffles, the first of (customer, country) line counts (one row per pair), the second of
+    those counts by customer; nothing row-level reaches the driver and each task holds one
+    partition of the pairs.
     """
-    raw = read_input(uri, storage, string_columns=[*_STRING_COLUMNS, "Country"])
-    missing = [c for c in ("CustomerID", "Country") if c not in raw.columns()]
-    if missing:
-        raise InputError(f"{uri}: online_retail_csv input lacks column(s) {missing}")
-    lines = raw.map_batches(online_retail_customer_lines, batch_format="pandas")
-    counts = lines.groupby([CUSTOMER_KEY, "Country"], num_partitions=num_partitions).count()
+    pairs = lines.map_batches(online_retail_customer_lines, batch_format="pyarrow")
+    counts = pairs.groupby([CUSTOMER_KEY, "Country"], num_partitions=num_partitions).count()
     return counts.repartition(num_partitions, keys=[CUSTOMER_KEY]).map_batches(
         most_frequent_country, batch_size=None, batch_format="pandas"
     )
-
-
-def read_customers(uri: str, storage: Storage):
-    """Lazy dataset of a customers file as given (every CSV column a string)."""
-    return read_input(uri, storage, all_strings=True)
 
 
 def json_string_columns(source: str) -> list[str]:

@@ -166,7 +166,7 @@ def decode_utf8(values) -> tuple[pa.Array, np.ndarray]:
             return arr.cast(pa.string()), flags
         except pa.ArrowInvalid:
             # Rare (a hostile file): decode value by value, flag what changed.
-            out = []
+            out: list[str | None] = []
             for i, b in enumerate(arr.to_pylist()):
                 if b is None:
                     out.append(None)

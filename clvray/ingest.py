@@ -145,13 +145,15 @@ def read_validate_part(
     fs: pafs.FileSystem,
     rules: RowRules,
     on_bad_file: str = "stop",
+    attributes: list[str] | None = None,
 ) -> pa.Table:
     """One read part, read, mapped to contract columns and validated: the staged table.
 
     Pure (no Ray): the broken-file tests call it directly. A bad file raises BadFileError
-    naming it, or with `on_bad_file == "skip"` becomes one staged reject.
+    naming it, or with `on_bad_file == "skip"` becomes one staged reject. `attributes`: the
+    customers table's attribute columns (for `table == "customers"`).
     """
-    schema = SCHEMAS[table]
+    schema = customers_schema(attributes or []) if table == "customers" else SCHEMAS[table]
     if part.error is None:
         try:
             read = read_part(part, fs, adapters.json_string_columns(source))
@@ -165,8 +167,11 @@ def read_validate_part(
             [f"file: {part.error} (skipped: ingest.on_bad_file is skip)"],
             [json.dumps({"_file": part.path})],
         )
-    mapped = adapters.to_contract_columns(source, table, read.table)
-    staged = _VALIDATORS[table](mapped, rules, source=read.table)
+    if table == "customers":
+        staged = validate_customers_table(read.table, attributes or [], rules, source=read.table)
+    else:
+        mapped = adapters.to_contract_columns(source, table, read.table)
+        staged = _VALIDATORS[table](mapped, rules, source=read.table)
     if read.bad_reasons:
         raws = [private_raw_text(r, rules) for r in read.bad_raws]
         staged = pa.concat_tables([staged, malformed_rows(schema, read.bad_reasons, raws)])
@@ -182,12 +187,37 @@ def _read_validate(
     rules: RowRules,
     on_bad_file: str,
     block_rows: int,
+    attributes: list[str] | None = None,
 ) -> Iterator[pa.Table]:
     fs, _ = storage.filesystem(uri)
     for item in batch.to_pylist():
-        staged = read_validate_part(FilePart.from_item(item), table, source, fs, rules, on_bad_file)
+        staged = read_validate_part(
+            FilePart.from_item(item), table, source, fs, rules, on_bad_file, attributes
+        )
         for start in range(0, max(staged.num_rows, 1), block_rows):
             yield staged.slice(start, block_rows)
+
+
+def _read_raw(batch: pa.Table, uri: str, storage: Storage, on_bad_file: str) -> Iterator[pa.Table]:
+    """The rows of each part as read (malformed lines left out: another pass counts them)."""
+    fs, _ = storage.filesystem(uri)
+    for item in batch.to_pylist():
+        part = FilePart.from_item(item)
+        if part.error is not None:
+            continue
+        try:
+            yield read_part(part, fs).table
+        except BadFileError:
+            if on_bad_file != "skip":
+                raise
+
+
+def _parts_dataset(parts: list[FilePart]):
+    import ray.data
+
+    items = [p.as_item() for p in parts]
+    # One block (one task) per part: a few small review files still use every core.
+    return ray.data.from_items(items, override_num_blocks=len(items))
 
 
 def _mark_duplicates(batch: pa.Table, key: str, order_by: tuple[str, ...]) -> pa.Table:
@@ -196,26 +226,35 @@ def _mark_duplicates(batch: pa.Table, key: str, order_by: tuple[str, ...]) -> pa
 
 def read_and_validate(table: str, cfg: Config, storage: Storage, rules: RowRules):
     """Lazy dataset of the staged rows of `table` (checked file by file before any work)."""
-    import ray.data
-
     source_uri = getattr(cfg.data, table)
     parts, columns = plan_parts(source_uri, storage, cfg.ingest.block_rows, cfg.ingest.on_bad_file)
     adapters.check_source_columns(cfg.data.source, table, columns, source_uri)
-    items = [p.as_item() for p in parts]
-    # One block (one task) per part: a few small review files still use every core.
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(
+    return validated_parts(parts, table, source_uri, cfg, storage, rules)
+
+
+def validated_parts(
+    parts: list[FilePart],
+    table: str,
+    uri: str,
+    cfg: Config,
+    storage: Storage,
+    rules: RowRules,
+    attributes: list[str] | None = None,
+):
+    """Lazy dataset: each part read and validated in one task."""
+    return _parts_dataset(parts).map_batches(
         _read_validate,
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={
             "table": table,
             "source": cfg.data.source,
-            "uri": source_uri,
+            "uri": uri,
             "storage": storage,
             "rules": rules,
             "on_bad_file": cfg.ingest.on_bad_file,
             "block_rows": cfg.ingest.block_rows,
+            "attributes": attributes,
         },
     )
 
@@ -503,22 +542,42 @@ class CustomersInput:
     """Derived from the transactions CSV (one row per distinct CustomerID), not read as is."""
 
 
-def open_customers(cfg: Config, storage: Storage) -> CustomersInput | None:
+def open_customers(
+    cfg: Config, storage: Storage, rules: RowRules | None = None
+) -> CustomersInput | None:
     """The configured customers table (`data.customers`, or Online Retail's derived one), or
     None. Fails at the door (ContractError / InputError naming the file and column) on a
-    missing `customer_id` column or a `data.customer_attributes` name the table lacks."""
+    missing `customer_id` column, a `data.customer_attributes` name the table lacks, or a bad
+    file. A `data.customers` table is read and validated by ingest's own reader."""
     d = cfg.data
     if d.customers is not None:
-        raw = adapters.read_customers(d.customers, storage)
-        columns = raw.columns()
+        parts, columns = plan_parts(
+            d.customers, storage, cfg.ingest.block_rows, cfg.ingest.on_bad_file
+        )
         check_columns("customers", columns, d.customers)
         attributes = customer_attributes(columns, d.customer_attributes, d.customers)
-        return CustomersInput(d.customers, attributes, raw, derived=False)
+        validated = validated_parts(
+            parts, "customers", d.customers, cfg, storage, rules or row_rules(cfg), attributes
+        )
+        return CustomersInput(d.customers, attributes, validated, derived=False)
     if d.source == "online_retail_csv" and d.transactions is not None:
         columns = [CUSTOMER_KEY, *adapters.ONLINE_RETAIL_ATTRIBUTES]
         attributes = customer_attributes(columns, d.customer_attributes, d.transactions)
+        parts, _ = plan_parts(
+            d.transactions, storage, cfg.ingest.block_rows, cfg.ingest.on_bad_file
+        )
+        lines = _parts_dataset(parts).map_batches(
+            _read_raw,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "uri": d.transactions,
+                "storage": storage,
+                "on_bad_file": cfg.ingest.on_bad_file,
+            },
+        )
         derived = adapters.online_retail_customers(
-            d.transactions, storage, cfg.features.num_partitions
+            lines, d.transactions, cfg.features.num_partitions
         )
         return CustomersInput(d.transactions, attributes, derived, derived=True)
     return None
@@ -544,12 +603,14 @@ def ingest_customers(
     """
     rules = rules or row_rules(cfg)
     schema = customers_schema(customers.attributes)
-    validated = customers.dataset.map_batches(
-        _validate_customers,
-        batch_format="pyarrow",
-        fn_kwargs={"attributes": customers.attributes, "rules": rules},
-    )
-    if not customers.derived:
+    validated = customers.dataset
+    if customers.derived:
+        validated = validated.map_batches(
+            _validate_customers,
+            batch_format="pyarrow",
+            fn_kwargs={"attributes": customers.attributes, "rules": rules},
+        )
+    else:
         # Uniqueness needs every row of an id in one block (as for reviews). Customers have no
         # time, so the row kept is the one whose attribute values sort first.
         validated = validated.repartition(
@@ -570,7 +631,7 @@ def ingest(cfg: Config, storage: Storage, run_dir: str) -> dict[str, dict]:
     (unless `ingest.on_bad_file: skip`).
     """
     rules = row_rules(cfg)
-    customers = open_customers(cfg, storage)  # a bad customers config fails before any work
+    customers = open_customers(cfg, storage, rules)  # a bad customers input fails before work
     out = {}
     for table in ("transactions", "reviews"):
         if getattr(cfg.data, table) is None:

@@ -268,7 +268,9 @@ def _parquet_meta(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
 def _parquet_parts(
     path: str, meta: pq.FileMetaData, block_rows: int, names: tuple[str, ...]
 ) -> list[FilePart]:
-    parts, group, rows, first = [], [], 0, 0
+    parts: list[FilePart] = []
+    group: list[int] = []
+    rows = first = 0
     start = 0
     for i in range(meta.num_row_groups):
         n = meta.row_group(i).num_rows
@@ -463,7 +465,7 @@ def _read_json_lines_slowly(path: str, data: bytes) -> ReadResult:
         text = raw.decode("utf-8", errors="replace")
         try:
             obj = json.loads(text)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             reasons.append(f"json: line is not valid JSON ({exc.msg})")
             raws.append(json.dumps({"_file": path, "_line": number, "text": text[:2000]}))
             continue
