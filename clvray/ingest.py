@@ -478,6 +478,8 @@ def check_time_protocol(cfg: Config, counts: dict[str, dict]) -> None:
             f"no transaction was accepted ({tx.get('rows_in', 0)} read; rejects by reason: "
             f"{tx.get('rejects_by_reason', {})}); nothing to compute features from"
         )
+    if tx.get("ts_min") is None:  # counts of an ingest from before the range was recorded
+        return
     start, end = pd.Timestamp(tx["ts_min"]), pd.Timestamp(tx["ts_max"])
     horizon = pd.Timedelta(days=cfg.features.horizon_days)
     latest = end - horizon
