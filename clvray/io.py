@@ -1,4 +1,12 @@
-"""Reading inputs (parquet, CSV, JSON lines; local or s3://) and writing stage outputs with Ray Data."""
+"""Reading inputs (parquet, CSV, JSON lines; local or s3://) and writing stage outputs with Ray Data.
+
+Ingest reads with clvray's own per-file reader (`plan_parts`, `read_part`): every file is
+checked before any work (parquet footer and schema, CSV header, first JSON line), a malformed
+CSV row or JSON line becomes a bad row with its line number, and a truncated or corrupt file
+raises `BadFileError` naming it. A CSV or JSON lines file is read whole by one task (the
+day/month order of slash dates is decided per file), so very large text files should be split;
+parquet files are cut into parts of at most `ingest.block_rows` rows by row groups.
+"""
 
 from __future__ import annotations
 

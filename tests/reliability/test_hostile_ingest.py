@@ -221,3 +221,22 @@ def test_training_does_not_depend_on_row_order_or_blocks(ray_local, tmp_path):
         preds.append(Boosters(trained.uri, Storage()).predict(df))
     for name in preds[0]:
         np.testing.assert_array_equal(preds[0][name], preds[1][name])
+
+
+def test_corrupt_file_found_inside_a_task_stops_naming_it_or_is_skipped(ray_local, tmp_path):
+    from clvray.io import BadFileError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.csv").write_text("customer_id,order_id,ts,amount\nc1,o1,2023-01-05,1\n")
+    data = gzip.compress(
+        ("customer_id,order_id,ts,amount\n" + "c2,o2,2023-01-06,2\n" * 300).encode()
+    )
+    bad = folder / "b.csv.gz"
+    bad.write_bytes(data[: len(data) // 2])  # truncated: only reading the whole file finds it
+    with pytest.raises(BadFileError, match=rf"{bad}: cannot be read .*on_bad_file: skip"):
+        _ingest(tmp_path, "run-stop", folder)
+    counts, run_dir = _ingest(tmp_path, "run-skip", folder, "ingest.on_bad_file=skip",
+                              "ingest.max_reject_share=0.5")  # fmt: skip
+    assert (counts["rows_in"], counts["rows_accepted"], counts["rows_rejected"]) == (2, 1, 1)
+    assert counts["files_skipped"] == 1
