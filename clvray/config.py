@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -289,7 +290,26 @@ class Config(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as written next to every output: credentials in URLs (user
+        info, `token=` / `key=` / `secret=` / `password=` query values) are redacted."""
+        return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
+
+
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_URL_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:token|key|secret|password|passwd|sig|signature|access_token)=)[^&\s]+"
+)
+
+
+def redact(obj: Any) -> Any:
+    """`obj` (a config dump) with credentials in URL strings replaced by `***`."""
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _URL_SECRET_PARAM.sub(r"\1***", _URL_USERINFO.sub("***@", obj))
+    return obj
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

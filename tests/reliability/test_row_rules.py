@@ -302,3 +302,18 @@ def test_time_protocol_names_key_and_range():
         check_time_protocol(load_config(None, ["features.horizon_days=800"]), counts)
     with pytest.raises(DataRangeError, match="no transaction was accepted"):
         check_time_protocol(load_config(None, []), {"transactions": {"rows_accepted": 0}})
+
+
+def test_config_written_with_url_credentials_redacted():
+    from clvray.config import load_config
+
+    cfg = load_config(
+        None,
+        [
+            "tracking.mlflow_uri=https://alice:planted-secret-1@mlflow.example.com/x",
+            "data.transactions=s3://bucket/tx?token=planted-secret-2&part=1",
+        ],
+    )
+    text = cfg.to_yaml()
+    assert "planted-secret" not in text
+    assert "https://***@mlflow.example.com/x" in text and "token=***&part=1" in text
