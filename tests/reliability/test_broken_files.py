@@ -241,3 +241,23 @@ def test_bad_file_skipped_and_counted(tmp_path, case, name, make, message):
     reasons = _reasons(df)
     assert len(reasons) == 1 and reasons[0].startswith("file: ") and message in reasons[0]
     assert json.loads(df["_raw"].dropna().iloc[0])["_file"] == str(folder / name)
+
+
+def test_online_retail_slash_dates_one_order_per_file(tmp_path):
+    """Issue 12's file: `01/12/2010` is 1 December, because `13/12/2010` shows day first."""
+    header = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+    rows = [
+        "536365,85123A,HOLDER,6,01/12/2010 08:26,2.55,17850.0,United Kingdom",
+        "536366,71053,LANTERN,2,13/12/2010 9:01,3.39, 17850 ,United Kingdom",
+        "C536367,84406B,HANGER,-1,14/12/2010 10:00,2.75,12345.0,France",
+    ]
+    _write(tmp_path / "in", "retail.csv", header + "\n".join(rows) + "\n")
+    df, _ = _ingest_files(tmp_path / "in", source="online_retail_csv")
+    assert _reasons(df) == []
+    assert df["ts"].tolist() == [
+        pd.Timestamp("2010-12-01 08:26", tz="UTC"),
+        pd.Timestamp("2010-12-13 09:01", tz="UTC"),
+        pd.Timestamp("2010-12-14 10:00", tz="UTC"),
+    ]
+    assert df["customer_id"].tolist() == ["17850", "17850", "12345"]
+    assert df["amount"].tolist() == pytest.approx([15.3, 6.78, -2.75])
