@@ -62,7 +62,7 @@ from clvray.contract import (
     validate_transactions_table,
 )
 from clvray.features import categorical_name
-from clvray.io import BadFileError, FilePart, plan_parts, read_part
+from clvray.io import BadFileError, FilePart, InputError, plan_parts, read_part
 from clvray.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,11 @@ class RejectThresholdExceeded(RuntimeError):
 
 class DataRangeError(ValueError):
     """The configured cutoff / horizon does not fit the data's time range."""
+
+
+INPUT_ERRORS = (ConfigError, ContractError, InputError, DataRangeError, RejectThresholdExceeded)
+"""Errors about the input or the config against the data: a job prints the message (which
+names the file, key or rule) instead of a traceback."""
 
 
 @dataclass

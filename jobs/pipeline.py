@@ -11,6 +11,7 @@ import logging
 import sys
 
 from clvray.config import ConfigError, load_config
+from clvray.ingest import INPUT_ERRORS
 from clvray.pipeline import headline, run_pipeline
 
 
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    metrics = run_pipeline(cfg)
+    try:
+        metrics = run_pipeline(cfg)
+    except INPUT_ERRORS as exc:  # bad input or config vs data: the message says what and where
+        print(f"input error: {exc}", file=sys.stderr)
+        return 2
     print(f"\nrun directory: {metrics['run_dir']}")
     print(
         f"cutoff {metrics['cutoff']}, horizon {metrics['horizon_days']} days, "
