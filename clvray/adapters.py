@@ -21,10 +21,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from clvray.contract import CUSTOMER_KEY, REQUIRED_INPUT, customers_schema
-from clvray.io import InputError, read_input
-from clvray.storage import Storage
+from clvray.contract import CUSTOMER_KEY, canonical_ids, check_columns, customers_schema
+from clvray.io import InputError
 
 
 def amazon_to_reviews(batch: pd.DataFrame) -> pd.DataFrame:
@@ -84,24 +84,23 @@ _ADAPTERS = {
 
 
 ONLINE_RETAIL_ATTRIBUTES = ["Country"]
-# IDs as strings: CustomerID "12346.0" in a CSV column with gaps is still customer 12346.
-_STRING_COLUMNS = ["CustomerID", "InvoiceNo", "InvoiceDate", "StockCode"]
 # Amazon review JSON: text-like fields stay strings even when a block starts with nulls.
 _JSON_STRING_COLUMNS = ["reviewerID", "asin", "reviewerName", "reviewText", "summary", "reviewTime"]
 _LINE_SCHEMA = pa.schema([(CUSTOMER_KEY, pa.string()), ("Country", pa.string())])
 
 
-def online_retail_customer_lines(batch: pd.DataFrame) -> pa.Table:
+def online_retail_customer_lines(batch: pa.Table | pd.DataFrame) -> pa.Table:
     """(customer_id, Country) of every line with a CustomerID; a missing Country is ""."""
-    ids = batch["CustomerID"].astype(object)
-    # The same test ingest applies to transactions: a line it rejects names no customer.
-    keep = ids.map(lambda v: isinstance(v, str) and v.strip() != "").to_numpy(bool)
-    country = batch["Country"].astype(object).map(lambda v: v.strip() if isinstance(v, str) else "")
+    columns = batch.columns if isinstance(batch, pd.DataFrame) else batch.column_names
+    if "Country" not in columns:
+        raise InputError("online_retail_csv input lacks column(s) ['Country']")
+    # The same canonical ids ingest gives transactions: a line it rejects names no customer,
+    # and "12346.0" is customer "12346" in both tables.
+    ids, _ = canonical_ids(batch["CustomerID"])
+    country, _ = canonical_ids(batch["Country"])
+    keep = pc.is_valid(ids)
     return pa.table(
-        {
-            CUSTOMER_KEY: pa.array(ids[keep].tolist(), pa.string()),
-            "Country": pa.array(country[keep].tolist(), pa.string()),
-        },
+        {CUSTOMER_KEY: ids.filter(keep), "Country": pc.fill_null(country, "").filter(keep)},
         schema=_LINE_SCHEMA,
     )
 
@@ -128,40 +127,67 @@ def most_frequent_country(counts: pd.DataFrame) -> pa.Table:
     )
 
 
-def online_retail_customers(uri: str, storage: Storage, num_partitions: int):
+def online_retail_customers(lines, uri: str, num_partitions: int):
     """Lazy dataset of one row per distinct CustomerID of an Online Retail CSV, with Country.
 
-    Cost: one pass over the lines and two shuffles, the first of (customer, country) line
-    counts (one row per pair), the second of those counts by customer; nothing row-level
-    reaches the driver and each task holds one partition of the pairs.
+    `lines` is the CSV's rows as read (ingest's reader). Cost: one pass over the lines and two
+    shuffles, the first of (customer, country) line counts (one row per pair), the second of
+    those counts by customer; nothing row-level reaches the driver and each task holds one
+    partition of the pairs.
     """
-    raw = read_input(uri, storage, string_columns=[*_STRING_COLUMNS, "Country"])
-    missing = [c for c in ("CustomerID", "Country") if c not in raw.columns()]
-    if missing:
-        raise InputError(f"{uri}: online_retail_csv input lacks column(s) {missing}")
-    lines = raw.map_batches(online_retail_customer_lines, batch_format="pandas")
-    counts = lines.groupby([CUSTOMER_KEY, "Country"], num_partitions=num_partitions).count()
+    pairs = lines.map_batches(online_retail_customer_lines, batch_format="pyarrow")
+    counts = pairs.groupby([CUSTOMER_KEY, "Country"], num_partitions=num_partitions).count()
     return counts.repartition(num_partitions, keys=[CUSTOMER_KEY]).map_batches(
         most_frequent_country, batch_size=None, batch_format="pandas"
     )
 
 
-def read_customers(uri: str, storage: Storage):
-    """Lazy dataset of a customers file as given (every CSV column a string)."""
-    return read_input(uri, storage, all_strings=True)
+def json_string_columns(source: str) -> list[str]:
+    """JSON lines fields read as strings whatever the first lines suggest."""
+    return _JSON_STRING_COLUMNS if source == "amazon_reviews_json" else list(_ID_FIELDS)
 
 
-def read_source(source: str, table: str, uri: str, storage: Storage):
-    """Lazy dataset of `table` in contract column names (values still unvalidated)."""
+_ID_FIELDS = ("customer_id", "order_id", "review_id", "product_id")
+
+
+def check_source_columns(source: str, table: str, columns: list[str], uri: str) -> None:
+    """Fail at the door when the first file of `uri` lacks a column `source` needs.
+
+    `columns` is empty when they cannot be known before reading (a JSON lines file whose
+    first line is not an object): then each row is checked by the rules instead.
+    """
+    if not columns:
+        return
     if source in ("synthetic", "contract_parquet"):
-        return read_input(uri, storage, string_columns=REQUIRED_INPUT[table])
+        check_columns(table, columns, uri)
+        return
     if (source, table) not in _ADAPTERS:
         raise InputError(f"source {source!r} has no {table} table; unset data.{table}")
-    fn, needed = _ADAPTERS[(source, table)]
-    raw = read_input(
-        uri, storage, string_columns=_STRING_COLUMNS, json_strings=_JSON_STRING_COLUMNS
-    )
-    missing = [c for c in needed if c not in raw.columns()]
+    missing = [c for c in _ADAPTERS[(source, table)][1] if c not in columns]
     if missing:
         raise InputError(f"{uri}: {source} input lacks column(s) {missing}")
-    return raw.map_batches(fn, batch_format="pandas")
+
+
+def to_contract_columns(source: str, table: str, raw: pa.Table) -> pa.Table:
+    """One read part in contract column names (values still unvalidated), no Ray.
+
+    A column the adapter needs but a row lacks (a JSON line without the field) is null, so
+    the row is rejected by the rules with its reason rather than failing the file.
+    """
+    if source in ("synthetic", "contract_parquet"):
+        return raw
+    fn, needed = _ADAPTERS[(source, table)]
+    for name in needed:
+        if name not in raw.column_names:
+            raw = raw.append_column(name, pa.nulls(raw.num_rows, pa.string()))
+    frame = raw.select([c for c in raw.column_names if c not in ("_file",)]).to_pandas()
+    out = fn(frame)
+    return pa.table({c: _arrow(out[c]) for c in out.columns})
+
+
+def _arrow(values: pd.Series) -> pa.Array:
+    values = values.astype(object).where(values.notna(), None)
+    try:
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())

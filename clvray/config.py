@@ -10,19 +10,44 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without its implicit timestamps: `2023-13-01` stays text, so the date field's own
+    validation reports it with the dotted key instead of a bare error from the YAML parser."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `horizon_days: true` is not 1 and `max_depth: "3"` is not 3; an int is still a
+    # valid float, and YAML dates (unquoted 2023-05-01) are dates.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class RunSection(_Strict):
@@ -51,8 +76,8 @@ class RaySection(_Strict):
 
 class SyntheticSection(_Strict):
     n_customers: int = Field(2000, gt=0)
-    start: dt.date = dt.date(2022, 1, 1)
-    end: dt.date = dt.date(2024, 1, 1)
+    start: dt.date = Field(dt.date(2022, 1, 1), strict=False)
+    end: dt.date = Field(dt.date(2024, 1, 1), strict=False)
     n_products: int = Field(40, gt=0)
     customers_per_task: int = Field(5000, gt=0)
     """Each Ray task generates this many customers; tasks run in parallel across nodes."""
@@ -80,10 +105,50 @@ class IngestSection(_Strict):
     max_reject_share: float = Field(0.05, ge=0, le=1)
     """Stop the run when more than this share of any table's rows is rejected."""
     max_text_chars: int = Field(2000, gt=0)
+    """Review text is cut to this many characters in the read task, before any shuffle."""
+    min_ts: dt.date = Field(dt.date(1990, 1, 1), strict=False)
+    """Rows with `ts` before this day are rejected (`ts: outside ...`)."""
+    max_ts: dt.date | None = Field(None, strict=False)
+    """Rows with `ts` after this day are rejected; None: today + 1 day (UTC). The default
+    cutoff is taken from accepted rows only, so one row in the year 2100 cannot move it."""
+    max_abs_amount: float = Field(1e9, gt=0)
+    """Rows with `|amount|` above this are rejected: sums of accepted amounts stay finite."""
+    epoch_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto"
+    """Unit of numeric timestamps; `auto`: by magnitude (< 1e11 s, < 1e14 ms, < 1e17 us)."""
+    date_format: Literal["auto", "dd/mm/yyyy", "mm/dd/yyyy"] = "auto"
+    """Order of slash dates (`01/12/2010`), one per file; `auto`: detected from the whole
+    column (a first field above 12 means day first, a second above 12 month first,
+    neither: month first; both: every slash date of the file rejected with the reason)."""
+    on_bad_file: Literal["stop", "skip"] = "stop"
+    """A truncated / corrupt file, or one whose schema differs from its siblings: `stop` the
+    run naming it, or `skip` it (counted as one rejected input with the reason)."""
+    block_rows: int = Field(250_000, gt=0)
+    """Rows per read task (parquet row groups are grouped up to this); every file is at least
+    one task, so a few small files still become several blocks."""
+
+    @model_validator(mode="after")
+    def _range(self) -> IngestSection:
+        if self.max_ts is not None and self.max_ts <= self.min_ts:
+            raise ValueError(
+                f"max_ts {self.max_ts} must be after min_ts {self.min_ts} (ingest.min_ts)"
+            )
+        return self
+
+
+class PrivacySection(_Strict):
+    scrub_text: bool = True
+    """Replace e-mail addresses, URLs, card-like digit runs and phone numbers in review text
+    by `<email>`, `<url>`, `<card>`, `<phone>` at ingest, before anything stores, fine-tunes
+    on, embeds or names topics from the text."""
+    pseudonymize_ids: bool = False
+    """Replace customer, order and review ids by an HMAC-SHA256 under the key in the
+    environment variable `id_key_env` at ingest: no output holds a raw id."""
+    id_key_env: str = "CLVRAY_ID_KEY"
+    """Name of the environment variable holding the HMAC key (the key is never written)."""
 
 
 class FeaturesSection(_Strict):
-    cutoff: dt.date | None = None
+    cutoff: dt.date | None = Field(None, strict=False)
     """Features use `ts < cutoff`, labels `[cutoff, cutoff + horizon)`. None: end of data minus horizon."""
     horizon_days: int = Field(90, gt=0)
     valid_share: float = Field(0.15, gt=0, lt=1)
@@ -209,6 +274,14 @@ class TrainSection(_Strict):
     max_failures: int = Field(1, ge=0)
     """Times Ray Train restarts the worker group after a worker failure (its FailureConfig)."""
 
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, quantiles: list[float]) -> list[float]:
+        outside = [q for q in quantiles if not 0 < q < 1]
+        if outside:
+            raise ValueError(f"quantiles must lie inside (0, 1); got {outside}")
+        return quantiles
+
 
 class ScoreSection(_Strict):
     batch_size: int = Field(4096, gt=0)
@@ -241,6 +314,7 @@ class Config(_Strict):
     ray: RaySection = RaySection()
     data: DataSection = DataSection()
     ingest: IngestSection = IngestSection()
+    privacy: PrivacySection = PrivacySection()
     features: FeaturesSection = FeaturesSection()
     text: TextSection = TextSection()
     train: TrainSection = TrainSection()
@@ -257,7 +331,26 @@ class Config(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as written next to every output: credentials in URLs (user
+        info, `token=` / `key=` / `secret=` / `password=` query values) are redacted."""
+        return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
+
+
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_URL_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:token|key|secret|password|passwd|sig|signature|access_token)=)[^&\s]+"
+)
+
+
+def redact(obj: Any) -> Any:
+    """`obj` (a config dump) with credentials in URL strings replaced by `***`."""
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _URL_SECRET_PARAM.sub(r"\1***", _URL_USERINFO.sub("***@", obj))
+    return obj
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -265,7 +358,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
     # YAML parsing gives ints, floats, bools, nulls and lists from the command line.
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), _yaml(raw) if raw != "" else ""
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -299,7 +392,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = _yaml(Path(path).read_text()) or {}
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} not found") from exc
         except yaml.YAMLError as exc:

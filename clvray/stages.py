@@ -28,7 +28,7 @@ from clvray import evaluate as evaluation
 from clvray.contract import as_utc
 from clvray.features import FEATURES, build_features, categorical_columns, resolve_cutoff
 from clvray.graph import Stage, StageContext, StageError
-from clvray.ingest import ingest
+from clvray.ingest import check_time_protocol, ingest
 from clvray.io import write_parquet
 from clvray.report import write_report
 from clvray.score import score_customers
@@ -68,6 +68,9 @@ def _data_range(ctx: StageContext) -> tuple[pd.Timestamp, pd.Timestamp]:
 
 
 def run_features(ctx: StageContext) -> dict:
+    # The cutoff and horizon must fit the accepted data (a features key can change them
+    # without re-running ingest, so the check belongs here).
+    check_time_protocol(ctx.cfg, ctx.info("ingest")["counts"])
     cutoff = resolve_cutoff(ctx.cfg, ctx.storage, ctx.run_dir)
     build_features(ctx.cfg, ctx.storage, ctx.run_dir, cutoff)
     return {"cutoff": cutoff.isoformat()}

@@ -167,8 +167,16 @@ def _train_loop(config: dict) -> None:
 
     features = config["features"]
     categories = config["categories"]
-    train_df = ray.train.get_dataset_shard("train").materialize().to_pandas()
-    valid_df = ray.train.get_dataset_shard("valid").materialize().to_pandas()
+    # Sorted by customer: the boosters must not depend on the order (or the blocks) in which
+    # Ray Data delivers rows, or the same config and seed would give different models.
+    train_df, valid_df = (
+        ray.train.get_dataset_shard(split)
+        .materialize()
+        .to_pandas()
+        .sort_values("customer_id", kind="stable")
+        .reset_index(drop=True)
+        for split in ("train", "valid")
+    )
     results: dict[str, dict] = {}
     boosters = {}
     for name, params in config["params"].items():
@@ -240,7 +248,7 @@ def train_models(
     import ray.train
     from ray.train.xgboost import XGBoostTrainer
 
-    columns = [*features, "future_value", "churned"]
+    columns = ["customer_id", *features, "future_value", "churned"]
     train_ds = customers.map_batches(
         _split, batch_format="pandas", fn_kwargs={"split": "train", "columns": columns}
     )

@@ -13,6 +13,7 @@ import sys
 
 from clvray.config import ConfigError, load_config
 from clvray.graph import StageError
+from clvray.ingest import INPUT_ERRORS
 from clvray.pipeline import headline, plan, run_pipeline
 
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_pipeline(cfg, until=args.until, only=args.only)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except INPUT_ERRORS as exc:  # bad input or config vs data: the message says what and where
+        print(f"input error: {exc}", file=sys.stderr)
         return 2
     except StageError as exc:
         print(f"stage failed: {exc}", file=sys.stderr)

@@ -142,11 +142,12 @@ def test_online_retail_derives_each_customers_most_frequent_country(ray_local, t
         c: None if pd.isna(v) else v
         for c, v in zip(table["customer_id"], table["Country"], strict=True)
     }
+    # canonical ids: "17850.0" in the CSV is customer "17850", as in the transactions
     assert country == {
-        "17850.0": "United Kingdom",
-        "12345.0": "Austria",
-        "14000.0": "Japan",
-        "13000.0": None,
+        "17850": "United Kingdom",
+        "12345": "Austria",
+        "14000": "Japan",
+        "13000": None,
     }
     assert not Storage().exists(f"{run_dir}/tmp/customers_source")  # staging removed
     # The same ids as the accepted transactions of that CSV, so the features join finds
