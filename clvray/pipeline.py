@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -203,7 +204,7 @@ def run_pipeline(cfg: Config) -> dict:
         base_features += btyd.BTYD_FEATURES
 
     variants: dict[str, list[str]] = {BEHAVIOURAL: base_features}
-    fused: dict[str, object] = {BEHAVIOURAL: customers}
+    fused: dict[str, Any] = {BEHAVIOURAL: customers}
     if cfg.text.enabled and "reviews" in counts:
         from clvray import textpath
 
