@@ -44,6 +44,9 @@ class RaySection(_Strict):
     """None: connect to `RAY_ADDRESS` if set (ray job submit), else start a local Ray."""
     num_cpus: int | None = None
     object_store_memory_mb: int | None = None
+    shared_local_storage: bool = False
+    """True: a local `run.storage` is seen by every node (one machine, or a shared file system
+    mounted at the same path), so it is allowed on a cluster and under `ray job submit`."""
 
 
 class SyntheticSection(_Strict):

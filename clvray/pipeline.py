@@ -20,6 +20,7 @@ import pandas as pd
 
 from clvray import btyd, observability
 from clvray import evaluate as evaluation
+from clvray.cluster import require_shared_storage
 from clvray.config import Config
 from clvray.features import FEATURES, build_features, categorical_columns, resolve_cutoff
 from clvray.ingest import ingest
@@ -149,6 +150,7 @@ def _ensure_synthetic(run: Run) -> Config:
 def run_pipeline(cfg: Config) -> dict:
     """Run every stage; returns the metrics written to `<run_dir>/metrics.json`."""
     connect_ray(cfg)
+    require_shared_storage(cfg)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = (

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 
+from clvray.cluster import StorageNotSharedError, set_job_environment
 from clvray.config import ConfigError, load_config
 from clvray.pipeline import headline, run_pipeline
 
@@ -45,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    metrics = run_pipeline(cfg)
+    set_job_environment()
+    try:
+        metrics = run_pipeline(cfg)
+    except StorageNotSharedError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
+        return 2
     print(f"\nrun directory: {metrics['run_dir']}")
     print(
         f"cutoff {metrics['cutoff']}, horizon {metrics['horizon_days']} days, "
