@@ -81,15 +81,16 @@ def ray_head():
         f"--ray-client-server-port={_free_port()}",
     ]
     try:
-        subprocess.run(
+        started = subprocess.run(
             [
                 str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                 f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
                 "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
                 "--disable-usage-stats", *agent_ports,
             ],
-            env=env, check=True, capture_output=True, timeout=180,
+            env=env, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
         yield f"http://127.0.0.1:{dash}", env
     finally:
         started = _head_processes(temp_dir, gcs_address)
@@ -135,15 +136,30 @@ def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
     assert "run directory:" in done.stdout  # the job's own output streamed back
 
 
-def test_job_api_refuses_a_client_without_the_token(ray_head):
+@pytest.mark.parametrize(
+    "client_env",
+    [
+        # token mode on, but another cluster's token: the head must refuse it
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+        # a client that sends no token at all
+        {"RAY_AUTH_MODE": "disabled"},
+    ],
+    ids=["wrong-token", "no-token"],
+)
+def test_job_api_refuses_a_client_without_the_token(ray_head, client_env):
     address, env = ray_head
     ray = str(Path(sys.executable).parent / "ray")
-    no_token = {**env, "HOME": tempfile.mkdtemp(), "RAY_AUTH_MODE": "token"}
+    # A home without ~/.ray/auth_token, so only what client_env says reaches the head.
+    client = {**env, "HOME": tempfile.mkdtemp(), **client_env}
+    client.pop("RAY_AUTH_TOKEN_PATH", None)
     out = subprocess.run(
         [ray, "job", "list", "--address", address],
-        env=no_token,
+        env=client,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode != 0
+    # Refused by the head for authentication, not failing for another reason (no agent yet,
+    # connection refused, a client-side config error).
+    assert "AuthenticationError" in out.stderr, out.stdout[-2000:] + out.stderr[-3000:]
