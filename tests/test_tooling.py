@@ -109,3 +109,21 @@ def test_pre_commit_runs_the_make_lint_commands() -> None:
 )
 def test_tiers_follow_the_fixtures(fixtures, markers, tiers) -> None:
     assert tier_markers(fixtures, set(markers)) == tiers
+
+
+@pytest.mark.parametrize(
+    "doc", ["README.md", "deploy/README.md", "cluster.yaml", "deploy/rayjob.yaml", "Makefile"]
+)
+def test_repository_paths_named_in_the_docs_exist(doc) -> None:
+    """One source of truth: a doc that names a file of this repository names one that exists
+    (docs/CLUSTER.md was merged into README.md; nothing may point at it)."""
+    text = (REPO / doc).read_text()
+    named = set(
+        re.findall(
+            r"(?<![\w/~.<:-])((?:\.\./)?[\w-]+(?:/[\w.-]+)+\.(?:md|ya?ml|py|txt|lock|toml))\b", text
+        )
+    )
+    # relative to the doc's folder (`../README.md`) or, as the docs write them, to the root
+    here = (REPO / doc).parent
+    missing = sorted(p for p in named if not ((here / p).exists() or (REPO / p).exists()))
+    assert not missing, f"{doc} names files that do not exist: {missing}"
