@@ -56,21 +56,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
+def _ray_up() -> bool:
+    ray_mod = sys.modules.get("ray")
+    return ray_mod is not None and ray_mod.is_initialized()
+
+
+def _fail_if_ray_started_outside_the_ray_tiers(item, was_up: bool) -> None:
     """Keep the fast tier honest: a test outside the Ray tiers that leaves Ray running started
-    it without a fixture saying so (it would make `make test-fast` slow and flaky)."""
-    ray_mod = sys.modules.get("ray")
-    was_up = ray_mod is not None and ray_mod.is_initialized()
-    result = yield
-    ray_mod = sys.modules.get("ray")
+    it (in a fixture or in the test) without a Ray fixture saying so, which would make
+    `make test-fast` slow and flaky."""
     tiers = {m.name for m in item.iter_markers()} & {"integration", "e2e"}
-    if not tiers and not was_up and ray_mod is not None and ray_mod.is_initialized():
+    if not tiers and not was_up and _ray_up():
         pytest.fail(
             f"{item.nodeid} started Ray without a Ray fixture: use `ray_local` (or add its "
             "fixture to RAY_FIXTURES in tests/conftest.py) so it is tiered as integration",
             pytrace=False,
         )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    was_up = _ray_up()
+    result = yield
+    _fail_if_ray_started_outside_the_ray_tiers(item, was_up)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    was_up = _ray_up()
+    result = yield
+    _fail_if_ray_started_outside_the_ray_tiers(item, was_up)
     return result
 
 
