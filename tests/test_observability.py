@@ -26,6 +26,33 @@ def test_record_names_a_missing_or_unknown_tag():
         observability.record("rows_read", -1, {"table": "transactions"})
 
 
+def test_zero_counts_create_the_series_and_positive_counts_add(monkeypatch):
+    """A table with nothing rejected must still export `rows_rejected` (at 0): Ray's
+    `Counter.inc` refuses 0, so a zero goes through the counter's own recording step."""
+    import ray
+
+    class Recorded:
+        def __init__(self):
+            self.calls = []
+
+        def inc(self, value, tags):
+            self.calls.append(("inc", value, tags))
+
+        def _record(self, value, tags):
+            self.calls.append(("record", value, tags))
+
+    metrics = {name: Recorded() for name in ("rows_read", "rows_accepted", "rows_rejected")}
+    # Connected as far as `record` can tell, for this block only (not for the tier guard).
+    with monkeypatch.context() as patch:
+        patch.setattr(ray, "is_initialized", lambda: True)
+        patch.setattr(observability, "_objects", metrics)
+        counts = {"reviews": {"rows_in": 4, "rows_accepted": 4, "rows_rejected": 0}}
+        observability.record_counts(counts)
+    tags = {"table": "reviews"}
+    assert metrics["rows_read"].calls == [("inc", 4.0, tags)]
+    assert metrics["rows_rejected"].calls == [("record", 0.0, tags)]
+
+
 def _samples(endpoints: list[str]) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
