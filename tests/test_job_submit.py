@@ -61,10 +61,11 @@ def _stop(processes: list[psutil.Process], timeout_s: float = 15) -> list[psutil
     return alive
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A separate Ray head (token auth on) on free ports, so the session's own local Ray keeps
-    running; afterwards every process it started is stopped by PID."""
+    """A separate Ray head (token auth on) on free ports, shared by this module's tests, so the
+    session's own local Ray keeps running; afterwards every process it started is stopped by
+    PID."""
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
