@@ -1,11 +1,14 @@
 """What a billion-review run costs, from the throughput one of the project's own runs measured.
 
     python bench/cost.py --run runs/bench/<synthetic run dir> [--reviews 1e9] [--vcpu-hour-usd 0.02]
+        [--cluster-yaml cluster.yaml] [--node-type cpu_worker]
 
 Reads the run's `metrics.json` (stage seconds, row counts, the Ray cluster it ran on) and the
 fine-tuned model's `clvray_text.json` (reviews it trained on), turns every stage into rows per
 second per vCPU, and scales to `--reviews` reviews with the run's own ratios of transactions and
-customers per review. Writes the table between the `cost` markers in README.md.
+customers per review. The wall time is for the CPU worker type of `cluster.yaml` (instance type
+and vCPUs per node read from it) at its `max_workers`. Writes the table between the `cost`
+markers in README.md.
 
 Small runs carry fixed per-stage costs (Ray Data planning, actor and worker start-up, model
 loading) that a large run amortises, so throughput measured on them is a lower bound and the
@@ -16,11 +19,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- cost:start -->", "<!-- cost:end -->"
+
+
+def instance_vcpus(instance_type: str) -> int:
+    """vCPUs of an EC2 instance type from its size, as AWS sizes general-purpose, compute- and
+    memory-optimised and GPU families: `large` 2, `xlarge` 4, `<n>xlarge` 4n (m5.4xlarge 16,
+    c5.9xlarge 36, g5.xlarge 4). Other sizes (metal, nano...) raise: give the node type
+    `resources: {"CPU": n}` in cluster.yaml instead."""
+    size = instance_type.split(".", 1)[-1]
+    match = re.fullmatch(r"(\d*)xlarge", size)
+    if match:
+        return 4 * int(match.group(1) or 1)
+    if size == "large":
+        return 2
+    raise ValueError(
+        f"vCPUs of instance type {instance_type!r} unknown: set resources: {{CPU: n}} on its "
+        "node type in cluster.yaml"
+    )
+
+
+def cluster_workers(cluster_yaml: Path, node_type: str = "cpu_worker") -> dict:
+    """The CPU worker type the estimate's wall time is for, from a Ray cluster launcher file:
+    its instance type, vCPUs per node (`resources.CPU` when set, else from the instance type,
+    as Ray's autoscaler detects it) and `max_workers`."""
+    import yaml
+
+    cluster = yaml.safe_load(cluster_yaml.read_text())
+    types = cluster["available_node_types"]
+    if node_type not in types:
+        raise KeyError(f"{cluster_yaml}: no node type {node_type!r}; has {sorted(types)}")
+    spec = types[node_type]
+    instance = spec["node_config"]["InstanceType"]
+    vcpus = (spec.get("resources") or {}).get("CPU") or instance_vcpus(instance)
+    return {
+        "node_type": node_type,
+        "instance_type": instance,
+        "vcpus_per_node": int(vcpus),
+        "max_workers": int(spec.get("max_workers", cluster.get("max_workers", 0))),
+        "file": cluster_yaml.name,
+    }
 
 
 def _text_meta(run_dir: Path) -> dict:
@@ -87,7 +130,7 @@ def estimate(
     reviews: float,
     vcpu_hour_usd: float,
     finetune_reviews: float,
-    cluster_vcpus: int = 640,
+    workers: dict | None = None,
 ) -> str:
     stages, r = stage_rates(run_dir)
     vcpus = r["vcpus"] or 2.0
@@ -127,9 +170,12 @@ def estimate(
         "the run measured is small, so per-stage fixed costs are counted as if they were per "
         "row: the estimate is an upper bound on compute.",
     ]
+    w = workers or cluster_workers(REPO / "cluster.yaml")
+    cluster_vcpus = w["vcpus_per_node"] * w["max_workers"]
     wall = (
-        f"\nOn a cluster of {cluster_vcpus:,} worker vCPUs (for example 20 `cpu_worker` nodes of "
-        f"32 vCPUs) that is about {total_h / cluster_vcpus:,.0f} hours of wall time, stages run "
+        f"\nOn `{w['file']}`'s CPU workers at their cap, {w['max_workers']} `{w['node_type']}` "
+        f"nodes ({w['instance_type']}, {w['vcpus_per_node']} vCPUs each: {cluster_vcpus:,} "
+        f"vCPUs), that is about {total_h / cluster_vcpus:,.0f} hours of wall time, stages run "
         "one after another.\n"
     )
     return (
@@ -151,12 +197,12 @@ def main() -> int:
     p.add_argument("--reviews", type=float, default=1e9)
     p.add_argument("--vcpu-hour-usd", type=float, default=0.02)
     p.add_argument("--finetune-reviews", type=float, default=1e6)
-    p.add_argument("--cluster-vcpus", type=int, default=640)
+    p.add_argument("--cluster-yaml", type=Path, default=REPO / "cluster.yaml")
+    p.add_argument("--node-type", default="cpu_worker", help="worker type for the wall time")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
-    body = estimate(
-        args.run, args.reviews, args.vcpu_hour_usd, args.finetune_reviews, args.cluster_vcpus
-    )
+    workers = cluster_workers(args.cluster_yaml, args.node_type)
+    body = estimate(args.run, args.reviews, args.vcpu_hour_usd, args.finetune_reviews, workers)
     print(body)
     readme = REPO / "README.md"
     text = readme.read_text()

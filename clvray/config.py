@@ -73,6 +73,10 @@ class RaySection(_Strict):
     """The cluster adds nodes on demand: skip the check that worker and actor counts fit the
     resources present at start (`clvray.resources`)."""
 
+    shared_local_storage: bool = False
+    """True: a local `run.storage` is seen by every node (one machine, or a shared file system
+    mounted at the same path), so it is allowed on a cluster and under `ray job submit`."""
+
 
 class SyntheticSection(_Strict):
     n_customers: int = Field(2000, gt=0)

@@ -13,6 +13,7 @@ Names get Ray's `ray_` prefix and counters a `_total` suffix, e.g.
 | `clvray_rows_accepted`           | counter   | `table`   | driver, from ingest's counts     |
 | `clvray_rows_rejected`           | counter   | `table`   | driver, from ingest's counts     |
 | `clvray_reviews_embedded`        | counter   | `encoder` | embedding actors, per batch      |
+|                                  |           |           | (`finetuned` or `pretrained`)    |
 | `clvray_customers_scored`        | counter   | `variant` | scoring actors, per batch        |
 | `clvray_stage_seconds`           | counter   | `stage`   | driver, `Run.timed`              |
 | `clvray_stage_duration_seconds`  | histogram | `stage`   | driver, `Run.timed`              |
@@ -23,7 +24,10 @@ would cost a pass and over-count when Ray retries a task. Scoring and embedding 
 their actors instead: the counters then move while a long stage runs (progress on a
 dashboard) at the cost of one in-process add per batch, and a retried batch counts twice, so
 read them as progress, not as the audited total (`metrics.json` holds that).
-A stage skipped on a re-run records nothing. A stage's wall time goes to two series: the
+Ingest's three counters are recorded for every table, zeros included: a table with nothing
+rejected shows `ray_clvray_rows_rejected_total{table=...} 0`, not a missing series (which an
+alert or a dashboard cannot tell from a job that never ran). A stage skipped on a re-run
+records nothing. A stage's wall time goes to two series: the
 counter `clvray_stage_seconds` holds the exact seconds (`increase()` over a run's window gives
 that run's time), the histogram its distribution over runs (`_count` and buckets exact; its
 `_sum` is only approximate, because Ray's agent rebuilds each observation from its bucket's
@@ -97,8 +101,8 @@ def record(name: str, value: float, tags: dict[str, str] | None = None) -> None:
     """Add `value` to counter `name`, or observe it on histogram `name`.
 
     `name` is a key of `METRICS` and `tags` must give every one of its tag keys (a ValueError
-    names the missing ones). A counter ignores zero (Prometheus counters only go up, and a
-    series at 0 adds nothing to a sum); a negative counter value is a ValueError.
+    names the missing ones). A zero on a counter makes its series exist at 0 (it adds nothing
+    to a sum); a negative counter value is a ValueError.
     Does nothing when this process is not connected to Ray.
     """
     spec = METRICS.get(name)
@@ -112,29 +116,36 @@ def record(name: str, value: float, tags: dict[str, str] | None = None) -> None:
             f"metric {name!r} takes tags {list(spec.tag_keys)}; missing {missing}, unknown {extra}"
         )
     value = float(value)
-    if spec.kind == "counter":
-        if value < 0:
-            raise ValueError(f"counter {name!r} cannot go down (got {value})")
-        if value == 0:
-            return
+    if spec.kind == "counter" and value < 0:
+        raise ValueError(f"counter {name!r} cannot go down (got {value})")
     import ray
 
     if not ray.is_initialized():
         return
     obj = _metric(name)
-    if spec.kind == "counter":
+    if spec.kind == "counter" and value == 0:
+        # Counter.inc refuses 0; its own recording step takes it and creates the series.
+        obj._record(0.0, tags=tags)
+    elif spec.kind == "counter":
         obj.inc(value, tags=tags)
     else:
         obj.observe(value, tags=tags)
 
 
 def record_counts(counts: dict[str, dict]) -> None:
-    """Rows read / accepted / rejected per table, from ingest's `{table: counts}`."""
+    """Rows read / accepted / rejected per table, from ingest's `{table: counts}`; zeros are
+    exported as zeros."""
     for table, c in counts.items():
         tags = {"table": table}
         record("rows_read", c["rows_in"], tags)
         record("rows_accepted", c["rows_accepted"], tags)
         record("rows_rejected", c["rows_rejected"], tags)
+
+
+def record_reviews_embedded(n_reviews: int, fine_tuned: bool) -> None:
+    """Reviews one embedding batch encoded, tagged by encoder kind (`finetuned` for a model
+    with a fine-tuned head, else `pretrained`): the two embedding passes of a run."""
+    record("reviews_embedded", n_reviews, {"encoder": "finetuned" if fine_tuned else "pretrained"})
 
 
 def record_stage(stage: str, seconds: float) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 import pandas as pd
 
 from clvray import observability
+from clvray.cluster import require_shared_storage
 from clvray.config import Config
 from clvray.graph import Runner, format_plan, section_values
 from clvray.resources import check_fits
@@ -185,6 +186,7 @@ def run_pipeline(cfg: Config, until: str | None = None, only: Iterable[str] | No
     )
     with ray_logs_to(log_file):
         connect_ray(cfg)
+        require_shared_storage(cfg)  # a local folder on a cluster would be lost: refuse first
         check_fits(cfg)  # a worker or actor count that would wait forever fails before work
         import ray.data
 

@@ -348,5 +348,7 @@ class Boosters:
 
     def importance(self) -> dict[str, float]:
         return {
-            k: float(v) for k, v in self.models["value"].get_score(importance_type="gain").items()
+            # "gain" gives one float per feature (lists only for multi-output models)
+            k: float(v)  # type: ignore[arg-type]
+            for k, v in self.models["value"].get_score(importance_type="gain").items()
         }

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from clvray.cluster import StorageNotSharedError, set_job_environment
 from clvray.config import ConfigError, load_config
 from clvray.graph import StageError
 from clvray.ingest import INPUT_ERRORS
@@ -53,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             print(plan(cfg, args.until, args.only))
             return 0
+        set_job_environment()
         metrics = run_pipeline(cfg, until=args.until, only=args.only)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except StorageNotSharedError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
         return 2
     except INPUT_ERRORS as exc:  # bad input or config vs data: the message says what and where
         print(f"input error: {exc}", file=sys.stderr)

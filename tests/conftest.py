@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,68 @@ os.environ.update(
 )
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_name, None)
+
+
+# --- tiers ---------------------------------------------------------------------------------------
+# Derived from what a test uses, so no test has to remember its marker: `make test-fast` runs
+# `-m "not integration and not e2e"`, the tier that needs no Ray.
+# Fixtures that connect to or start Ray (directly or through another fixture: pytest's
+# `fixturenames` is the whole closure). The `cluster` marker means a test starts Ray processes.
+RAY_FIXTURES = frozenset({"ray_local", "ray_head"})
+# Fixtures that run the job (jobs/pipeline.py or run_pipeline) from input files to a report.
+E2E_FIXTURES = frozenset({"pipeline_run", "s3_run", "ray_head"})
+
+
+def tier_markers(fixturenames, marker_names) -> set[str]:
+    """The tier markers a test gets from its fixture closure and its own markers."""
+    used = set(fixturenames)
+    tiers = set()
+    if used & RAY_FIXTURES or "cluster" in marker_names:
+        tiers.add("integration")
+    if used & E2E_FIXTURES:
+        tiers.add("e2e")
+    return tiers
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = {m.name for m in item.iter_markers()}
+        for tier in sorted(tier_markers(getattr(item, "fixturenames", ()), names) - names):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+def _ray_up() -> bool:
+    ray_mod = sys.modules.get("ray")
+    return ray_mod is not None and ray_mod.is_initialized()
+
+
+def _fail_if_ray_started_outside_the_ray_tiers(item, was_up: bool) -> None:
+    """Keep the fast tier honest: a test outside the Ray tiers that leaves Ray running started
+    it (in a fixture or in the test) without a Ray fixture saying so, which would make
+    `make test-fast` slow and flaky."""
+    tiers = {m.name for m in item.iter_markers()} & {"integration", "e2e"}
+    if not tiers and not was_up and _ray_up():
+        pytest.fail(
+            f"{item.nodeid} started Ray without a Ray fixture: use `ray_local` (or add its "
+            "fixture to RAY_FIXTURES in tests/conftest.py) so it is tiered as integration",
+            pytrace=False,
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    was_up = _ray_up()
+    result = yield
+    _fail_if_ray_started_outside_the_ray_tiers(item, was_up)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    was_up = _ray_up()
+    result = yield
+    _fail_if_ray_started_outside_the_ray_tiers(item, was_up)
+    return result
 
 
 @pytest.fixture(scope="session")

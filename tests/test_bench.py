@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
@@ -50,7 +52,16 @@ def test_cost_scales_each_stage_by_its_measured_rate(tmp_path) -> None:
     assert stages["fine-tune (sample)"] == (100, "reviews", 5.0)
     assert ratios["transactions_per_review"] == 3.0 and ratios["customers_per_review"] == 0.5
 
-    table = cost.estimate(run, reviews=1e6, vcpu_hour_usd=0.5, finetune_reviews=1000)
+    workers = {
+        "node_type": "cpu_worker",
+        "instance_type": "c5.9xlarge",
+        "vcpus_per_node": 36,
+        "max_workers": 5,
+        "file": "cluster.yaml",
+    }
+    table = cost.estimate(
+        run, reviews=1e6, vcpu_hour_usd=0.5, finetune_reviews=1000, workers=workers
+    )
     # embed: 400 reviews / 20 s / 4 vCPUs = 5 reviews per vCPU-s -> 1e6 / 5 / 3600 = 55.6 h
     assert "| 5.0 | 1e+06 reviews | 56 | $28 |" in table
     # ingest: 1600 rows / 10 s / 4 = 40 per vCPU-s; 1e6 reviews * (1 + 3) = 4e6 rows -> 27.8 h
@@ -59,6 +70,63 @@ def test_cost_scales_each_stage_by_its_measured_rate(tmp_path) -> None:
     hours = 1e6 / 5 / 3600 + 4e6 / 40 / 3600 + 1000 / 5 / 3600 + 1e6 * 0.5 / 25 / 3600
     assert f"**{hours:,.0f}**" in table
     assert f"**${hours * 0.5:,.0f}**" in table
+    assert (
+        f"5 `cpu_worker` nodes (c5.9xlarge, 36 vCPUs each: 180 vCPUs), that is about "
+        f"{hours / 180:,.0f} hours of wall time" in table
+    )
+
+
+def test_cost_reads_worker_type_and_vcpus_from_cluster_yaml(tmp_path) -> None:
+    cost = _cost_module()
+    real = cost.cluster_workers(REPO / "cluster.yaml")
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    spec = cluster["available_node_types"]["cpu_worker"]
+    assert real["instance_type"] == spec["node_config"]["InstanceType"]
+    assert real["max_workers"] == spec["max_workers"]
+    assert real["vcpus_per_node"] == cost.instance_vcpus(real["instance_type"])
+
+    # a changed cluster file changes the estimate's cluster
+    spec["node_config"]["InstanceType"] = "c5.9xlarge"
+    spec["max_workers"] = 7
+    edited = tmp_path / "cluster.yaml"
+    edited.write_text(yaml.safe_dump(cluster))
+    assert cost.cluster_workers(edited) | {"file": None} == {
+        "node_type": "cpu_worker",
+        "instance_type": "c5.9xlarge",
+        "vcpus_per_node": 36,
+        "max_workers": 7,
+        "file": None,
+    }
+    # an explicit resources.CPU is what Ray schedules with, whatever the instance type
+    spec["resources"] = {"CPU": 12}
+    edited.write_text(yaml.safe_dump(cluster))
+    assert cost.cluster_workers(edited)["vcpus_per_node"] == 12
+
+
+@pytest.mark.parametrize(
+    ("instance", "vcpus"),
+    [("m5.large", 2), ("m5.xlarge", 4), ("m5.4xlarge", 16), ("c5.9xlarge", 36), ("g5.xlarge", 4)],
+)
+def test_instance_vcpus_follow_the_aws_size(instance, vcpus) -> None:
+    assert _cost_module().instance_vcpus(instance) == vcpus
+
+
+def test_unknown_instance_size_asks_for_resources_cpu() -> None:
+    with pytest.raises(ValueError, match="resources"):
+        _cost_module().instance_vcpus("m5.metal")
+
+
+def test_readme_cost_paragraph_is_for_the_cluster_yaml_workers() -> None:
+    w = _cost_module().cluster_workers(REPO / "cluster.yaml")
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- cost:start -->", 1)[1].split("<!-- cost:end -->", 1)[0]
+    total = w["vcpus_per_node"] * w["max_workers"]
+    assert (
+        f"{w['max_workers']} `{w['node_type']}` nodes ({w['instance_type']}, "
+        f"{w['vcpus_per_node']} vCPUs each: {total:,} vCPUs)"
+    ) in block
+    hours = float(re.search(r"\*\*([\d,]+)\*\*", block).group(1).replace(",", ""))
+    assert f"about {hours / total:,.0f} hours of wall time" in block
 
 
 def test_cost_refuses_a_run_without_metrics(tmp_path) -> None:

@@ -36,8 +36,8 @@ else:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 RAYJOB_YAML = REPO / "deploy" / "rayjob.yaml"
-# The "Run on a cluster" guide; the lead may merge it into README.md.
-DOC_FILES = [REPO / "README.md", REPO / "docs" / "CLUSTER.md"]
+# The "Run on a cluster" guide (README.md is the one copy; docs/CLUSTER.md was merged into it).
+DOC_FILES = [REPO / "README.md"]
 
 REQUIRED_EXCLUDES = {".git", ".venv", "runs", "data"}
 TOKEN_PATH_IN_CONTAINER = "/home/ray/.ray/auth_token"
@@ -414,3 +414,17 @@ def test_documented_submit_commands_match_the_rayjob(rayjob_runtime_env):
         assert runtime_env.get("env_vars") == rayjob_runtime_env.get("env_vars")
         cfg = config_from_entrypoint(entrypoint)
         assert cfg.run.storage.startswith("s3://"), "a cluster run needs storage all nodes share"
+
+
+def test_every_job_runtime_env_sets_the_job_environment(rayjob_runtime_env, cluster):
+    """Ray Train's dashboard page needs RAY_TRAIN_ENABLE_STATE_TRACKING=1 wherever the job runs."""
+    from clvray.cluster import JOB_ENV_VARS
+
+    assert JOB_ENV_VARS["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
+    assert JOB_ENV_VARS.items() <= rayjob_runtime_env["env_vars"].items()
+    for argv in documented_submit_commands():
+        runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+        assert JOB_ENV_VARS.items() <= runtime_env["env_vars"].items()
+    run_options = cluster["docker"]["run_options"]
+    for name, value in JOB_ENV_VARS.items():
+        assert f"-e {name}={value}" in run_options

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import REPO
@@ -28,15 +30,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+def _head_processes(temp_dir: str, gcs_address: str) -> list[psutil.Process]:
+    """Every process of the head started with `temp_dir`: those whose command line names its
+    temp dir or GCS address (gcs_server, raylet, dashboard and its agents, log monitor, the
+    Ray client server), and all their descendants (workers, the job's driver)."""
+    roots = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        names_head = temp_dir in cmdline or re.search(rf"{re.escape(gcs_address)}(?!\d)", cmdline)
+        if proc.pid != os.getpid() and names_head:
+            roots.append(proc)
+    found = {p.pid: p for p in roots}
+    for proc in roots:
+        with contextlib.suppress(psutil.Error):
+            found.update({c.pid: c for c in proc.children(recursive=True)})
+    return list(found.values())
+
+
+def _stop(processes: list[psutil.Process], timeout_s: float = 15) -> list[psutil.Process]:
+    """SIGTERM each process by PID, SIGKILL what is left after `timeout_s`; returns the
+    processes still alive after that (none expected)."""
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    return alive
+
+
+@pytest.fixture(scope="module")
 def ray_head():
-    """A separate Ray head (token auth on) whose processes are stopped by its temp dir only,
-    so the session's own local Ray keeps running."""
+    """A separate Ray head (token auth on) on free ports, shared by this module's tests, so the
+    session's own local Ray keeps running; afterwards every process it started is stopped by
+    PID."""
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
+    gcs_address = f"127.0.0.1:{port}"
     # The session's own local Ray (other tests) already holds the default agent ports; a head
     # whose dashboard agent cannot bind them never gets an agent ("No available agent").
     agent_ports = [
@@ -46,27 +81,24 @@ def ray_head():
         f"--runtime-env-agent-port={_free_port()}",
         f"--ray-client-server-port={_free_port()}",
     ]
-    subprocess.run(
-        [
-            str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-            f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
-            "--disable-usage-stats", *agent_ports,
-        ],
-        env=env, check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
     try:
+        started = subprocess.run(
+            [
+                str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                "--disable-usage-stats", *agent_ports,
+            ],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run(["pkill", "-f", temp_dir], check=False)
-        # gcs_server can outlive SIGTERM once its raylet is gone: wait, then kill what is left.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if subprocess.run(["pgrep", "-f", temp_dir], capture_output=True).returncode != 0:
-                break
-            time.sleep(0.5)
-        subprocess.run(["pkill", "-KILL", "-f", temp_dir], check=False)
+        started = _head_processes(temp_dir, gcs_address)
+        left = _stop(started)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"head processes survived SIGKILL: {left}"
+        assert not _head_processes(temp_dir, gcs_address), "a head process was missed"
 
 
 def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
@@ -78,6 +110,8 @@ def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
         "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}),
         "--", "python", "jobs/pipeline.py", "--config", "configs/demo.yaml",
         "--storage", str(tmp_path), "--run-id", "submitted",
+        # One machine: the head and the test share tmp_path (on a real cluster: s3://).
+        "--set", "ray.shared_local_storage=true",
         "--set", "text.enabled=false", "--set", "data.synthetic.n_customers=300",
         "--set", "features.num_partitions=2", "--set", "train.num_boost_round=30",
     ]  # fmt: skip
@@ -103,15 +137,30 @@ def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
     assert "run directory:" in done.stdout  # the job's own output streamed back
 
 
-def test_job_api_refuses_a_client_without_the_token(ray_head):
+@pytest.mark.parametrize(
+    "client_env",
+    [
+        # token mode on, but another cluster's token: the head must refuse it
+        {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+        # a client that sends no token at all
+        {"RAY_AUTH_MODE": "disabled"},
+    ],
+    ids=["wrong-token", "no-token"],
+)
+def test_job_api_refuses_a_client_without_the_token(ray_head, client_env):
     address, env = ray_head
     ray = str(Path(sys.executable).parent / "ray")
-    no_token = {**env, "HOME": tempfile.mkdtemp(), "RAY_AUTH_MODE": "token"}
+    # A home without ~/.ray/auth_token, so only what client_env says reaches the head.
+    client = {**env, "HOME": tempfile.mkdtemp(), **client_env}
+    client.pop("RAY_AUTH_TOKEN_PATH", None)
     out = subprocess.run(
         [ray, "job", "list", "--address", address],
-        env=no_token,
+        env=client,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode != 0
+    # Refused by the head for authentication, not failing for another reason (no agent yet,
+    # connection refused, a client-side config error).
+    assert "AuthenticationError" in out.stderr, out.stdout[-2000:] + out.stderr[-3000:]

@@ -26,6 +26,33 @@ def test_record_names_a_missing_or_unknown_tag():
         observability.record("rows_read", -1, {"table": "transactions"})
 
 
+def test_zero_counts_create_the_series_and_positive_counts_add(monkeypatch):
+    """A table with nothing rejected must still export `rows_rejected` (at 0): Ray's
+    `Counter.inc` refuses 0, so a zero goes through the counter's own recording step."""
+    import ray
+
+    class Recorded:
+        def __init__(self):
+            self.calls = []
+
+        def inc(self, value, tags):
+            self.calls.append(("inc", value, tags))
+
+        def _record(self, value, tags):
+            self.calls.append(("record", value, tags))
+
+    metrics = {name: Recorded() for name in ("rows_read", "rows_accepted", "rows_rejected")}
+    # Connected as far as `record` can tell, for this block only (not for the tier guard).
+    with monkeypatch.context() as patch:
+        patch.setattr(ray, "is_initialized", lambda: True)
+        patch.setattr(observability, "_objects", metrics)
+        counts = {"reviews": {"rows_in": 4, "rows_accepted": 4, "rows_rejected": 0}}
+        observability.record_counts(counts)
+    tags = {"table": "reviews"}
+    assert metrics["rows_read"].calls == [("inc", 4.0, tags)]
+    assert metrics["rows_rejected"].calls == [("record", 0.0, tags)]
+
+
 def _samples(endpoints: list[str]) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -78,8 +105,14 @@ def test_metrics_reach_the_prometheus_endpoint(ray_local):
     # Counters are cumulative for the Ray session, so this test's series get their own tags.
     run = uuid.uuid4().hex[:8]
     table, stage, variant = f"transactions-{run}", f"train/{run}", f"gbm-{run}"
+    clean = f"reviews-{run}"  # nothing rejected: the series must exist, at 0
 
-    observability.record_counts({table: {"rows_in": 120, "rows_accepted": 117, "rows_rejected": 3}})
+    observability.record_counts(
+        {
+            table: {"rows_in": 120, "rows_accepted": 117, "rows_rejected": 3},
+            clean: {"rows_in": 40, "rows_accepted": 40, "rows_rejected": 0},
+        }
+    )
     observability.record_stage(stage, 2.5)
     observability.record_stage(stage, 40.0)
     ray.data.range(250, override_num_blocks=5).map_batches(
@@ -94,6 +127,8 @@ def test_metrics_reach_the_prometheus_endpoint(ray_local):
         ("ray_clvray_rows_read_total", ("table", table)): 120.0,
         ("ray_clvray_rows_accepted_total", ("table", table)): 117.0,
         ("ray_clvray_rows_rejected_total", ("table", table)): 3.0,
+        ("ray_clvray_rows_read_total", ("table", clean)): 40.0,
+        ("ray_clvray_rows_rejected_total", ("table", clean)): 0.0,
         ("ray_clvray_stage_seconds_total", ("stage", stage)): 42.5,
         ("ray_clvray_stage_duration_seconds_count", ("stage", stage)): 2.0,
         ("ray_clvray_stage_duration_seconds_bucket", ("stage", stage), ("le", "5.0")): 1.0,
@@ -101,6 +136,34 @@ def test_metrics_reach_the_prometheus_endpoint(ray_local):
         ("ray_clvray_customers_scored_total", ("variant", variant)): 250.0,
     }
     assert _wait_for(endpoints, expected) == expected
+
+
+def test_embedding_batches_count_their_reviews(tiny_encoder, monkeypatch):
+    """`ReviewEncoder` (the embedding actors' callable) records every review it encodes."""
+    import pyarrow as pa
+
+    from clvray.contract import TS
+    from clvray.text.embed import ReviewEncoder
+    from clvray.text.tokens import tokenize_reviews
+
+    calls = []
+    monkeypatch.setattr(observability, "record", lambda *args: calls.append(args))
+    reviews = pa.table(
+        {
+            "customer_id": ["c1", "c1", "c2"],
+            "review_id": ["r1", "r2", "r3"],
+            "ts": pa.array([0, 1, 2], pa.int64()).cast(TS),
+            "text": ["great value", "arrived broken", ""],
+        }
+    )
+    encoder = ReviewEncoder(tiny_encoder)
+    out = encoder(tokenize_reviews(reviews, tiny_encoder, None, 16))
+    out = encoder(tokenize_reviews(reviews.slice(0, 2), tiny_encoder, None, 16))
+    assert out.num_rows == 2
+    assert calls == [
+        ("reviews_embedded", 3, {"encoder": "pretrained"}),  # tiny_encoder has no fine-tuned head
+        ("reviews_embedded", 2, {"encoder": "pretrained"}),
+    ]
 
 
 # --- MLflow ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from clvray import observability
 from clvray.config import TextSection
 from clvray.contract import TS, as_utc
 from clvray.resources import Cluster, embed_actors, embed_threads
@@ -84,6 +85,7 @@ class ReviewEncoder:
                 else None
             )
         emb = pooled.float().cpu().numpy()
+        observability.record_reviews_embedded(len(emb), fine_tuned=self.loaded.head is not None)
         hidden = emb.shape[1]
         values = pa.array(
             emb.reshape(-1).astype(self.out_type.to_pandas_dtype()), type=self.out_type
