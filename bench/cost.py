@@ -125,12 +125,39 @@ def stage_rates(run_dir: Path) -> tuple[dict, dict]:
     return {k: v for k, v in stages.items() if v[2]}, ratios
 
 
+def scale_rates(results: Path) -> dict[str, tuple[float, str]]:
+    """Rows per vCPU-second measured at scale by the benchmarks, where their results exist:
+    ingest and features from the largest `bench/results/ingest_features.json` size, embedding
+    from `embed.json` (Amazon's real reviews). `{stage name prefix: (rate, where from)}`;
+    these replace the small run's rates, whose fixed costs are counted as if per row."""
+    out: dict[str, tuple[float, str]] = {}
+    path = results / "ingest_features.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        cores = data["machine"]["cores"]
+        row = max(data["rows"], key=lambda r: r["transactions"])
+        rows = row["transactions"] + row["reviews"]
+        where = f"bench/results/ingest_features.json at {row['transactions']:,} transactions"
+        out["ingest"] = (rows / row["clvray_ingest_s"] / cores, where)
+        out["features"] = (rows / row["clvray_features_s"] / cores, where)
+    path = results / "embed.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        cores = data["machine"]["cores"]
+        for row in data["rows"]:
+            if row["data"] == "amazon":
+                where = f"bench/results/embed.json, {row['reviews']:,} Amazon reviews"
+                out["tokenize + embed"] = (row["a_clvray_per_s"] / cores, where)
+    return out
+
+
 def estimate(
     run_dir: Path,
     reviews: float,
     vcpu_hour_usd: float,
     finetune_reviews: float,
     workers: dict | None = None,
+    measured: dict[str, tuple[float, str]] | None = None,
 ) -> str:
     stages, r = stage_rates(run_dir)
     vcpus = r["vcpus"] or 2.0
@@ -147,11 +174,15 @@ def estimate(
     total_h = 0.0
     for name, (rows, what, secs) in stages.items():
         rate = rows / secs / vcpus
+        source = f"{rows:,} {what} in {secs:.0f} s on {vcpus:g}"
+        for prefix, (at_scale, where) in (measured or {}).items():
+            if name.startswith(prefix):
+                rate, source = at_scale, f"at scale: {where}"
         target = finetune_reviews if name.startswith("fine-tune") else scale[what]
         hours = target / rate / 3600
         total_h += hours
         lines.append(
-            f"| {name} | {rows:,} {what} in {secs:.0f} s on {vcpus:g} | {rate:,.1f} "
+            f"| {name} | {source} | {rate:,.1f} "
             f"| {target:,.3g} {what} | {hours:,.0f} | ${hours * vcpu_hour_usd:,.0f} |"
         )
     lines.append(f"| **total** | | | | **{total_h:,.0f}** | **${total_h * vcpu_hour_usd:,.0f}** |")
@@ -167,8 +198,9 @@ def estimate(
         f"${vcpu_hour_usd} per vCPU-hour: an assumed spot price for compute-optimised x86 "
         "instances (check `aws ec2 describe-spot-price-history` for the region and day); the head "
         "node, S3 storage and requests, and node start-up are not included;",
-        "the run measured is small, so per-stage fixed costs are counted as if they were per "
-        "row: the estimate is an upper bound on compute.",
+        "stages marked 'at scale' use rates the benchmarks measured on 10^6-10^7 rows; the "
+        "others come from the small run, whose per-stage fixed costs are counted as if they "
+        "were per row, so those are upper bounds on compute.",
     ]
     w = workers or cluster_workers(REPO / "cluster.yaml")
     cluster_vcpus = w["vcpus_per_node"] * w["max_workers"]
@@ -200,9 +232,22 @@ def main() -> int:
     p.add_argument("--cluster-yaml", type=Path, default=REPO / "cluster.yaml")
     p.add_argument("--node-type", default="cpu_worker", help="worker type for the wall time")
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "bench" / "results",
+        help="benchmark results whose at-scale rates replace the run's (ingest, features, embed)",
+    )
     args = p.parse_args()
     workers = cluster_workers(args.cluster_yaml, args.node_type)
-    body = estimate(args.run, args.reviews, args.vcpu_hour_usd, args.finetune_reviews, workers)
+    body = estimate(
+        args.run,
+        args.reviews,
+        args.vcpu_hour_usd,
+        args.finetune_reviews,
+        workers,
+        measured=scale_rates(args.results),
+    )
     print(body)
     readme = REPO / "README.md"
     text = readme.read_text()

@@ -132,3 +132,41 @@ def test_readme_cost_paragraph_is_for_the_cluster_yaml_workers() -> None:
 def test_cost_refuses_a_run_without_metrics(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         _cost_module().stage_rates(tmp_path)
+
+
+def test_cost_uses_rates_measured_at_scale_when_the_benchmarks_ran(tmp_path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "ingest_features.json").write_text(
+        json.dumps(
+            {
+                "machine": {"cores": 2},
+                "rows": [
+                    {
+                        "transactions": 1000,
+                        "reviews": 0,
+                        "clvray_ingest_s": 1.0,
+                        "clvray_features_s": 1.0,
+                    },
+                    {
+                        "transactions": 8000,
+                        "reviews": 2000,
+                        "clvray_ingest_s": 5.0,
+                        "clvray_features_s": 2.0,
+                    },
+                ],
+            }
+        )
+    )
+    (results / "embed.json").write_text(
+        json.dumps(
+            {
+                "machine": {"cores": 2},
+                "rows": [{"data": "amazon", "reviews": 100, "a_clvray_per_s": 30.0}],
+            }
+        )
+    )
+    rates = _cost_module().scale_rates(results)
+    assert rates["ingest"][0] == 10000 / 5.0 / 2 and rates["features"][0] == 10000 / 2.0 / 2
+    assert rates["tokenize + embed"][0] == 15.0
+    assert "8,000 transactions" in rates["ingest"][1]
