@@ -345,7 +345,67 @@ def _bucket_features(
         assert isinstance(frame, pl.DataFrame) and isinstance(reviews, pl.DataFrame)
         out = feature_plan(frame.lazy(), reviews.lazy(), as_utc(cutoff), horizon_days).collect()
         parts.append(_with_split(out, valid_share, test_share).to_arrow().cast(FEATURE_SCHEMA))
+        counts = population_counts(frame.lazy(), reviews.lazy(), as_utc(cutoff))
+        storage.write_json(join(staged, "_population", f"bucket={bucket}.json"), counts)
     return pa.concat_tables(parts) if parts else FEATURE_SCHEMA.empty_table()
+
+
+POPULATION_FILE = "population.json"
+OUTSIDE_REASONS = (
+    "only_zero_amount_orders",
+    "only_refunds",
+    "only_zero_amount_orders_and_refunds",
+    "only_reviews",
+    "no_events_before_cutoff",
+)
+"""Why a customer seen in the input is outside the population at a cutoff (first match wins,
+in this order): a positive transaction line before the cutoff puts them in; else transactions
+with no positive amount (zero-amount orders, refunds, or both); else only reviews; else no
+event before the cutoff at all. A zero-amount order is not a purchase: it carries no money, so
+it neither makes a customer part of the population, nor counts in `frequency`, nor stops
+`churned` (the BTYD literature counts transactions; clvray counts purchases that carry value)."""
+
+
+def population_counts(tx, rv, cutoff: pd.Timestamp) -> dict[str, int]:
+    """Customers seen in `tx` / `rv` (LazyFrames) by population reason; the keys add up to
+    `customers_seen`. Vectorised: two group-bys and a join, one row per reason out."""
+    import polars as pl
+
+    cut = pl.lit(cutoff.to_pydatetime()).dt.cast_time_unit("us")
+    past = pl.col("ts") < cut
+    flags_tx = tx.group_by("customer_id").agg(
+        positive=(past & (pl.col("amount") > 0)).any(),
+        zero=(past & (pl.col("amount") == 0)).any(),
+        refund=(past & (pl.col("amount") < 0)).any(),
+    )
+    flags_rv = rv.group_by("customer_id").agg(review=past.any())
+    both = flags_tx.join(flags_rv, on="customer_id", how="full", coalesce=True).fill_null(False)
+    reason = (
+        pl.when(pl.col("positive"))
+        .then(pl.lit("in_population"))
+        .when(pl.col("zero") & pl.col("refund"))
+        .then(pl.lit("only_zero_amount_orders_and_refunds"))
+        .when(pl.col("zero"))
+        .then(pl.lit("only_zero_amount_orders"))
+        .when(pl.col("refund"))
+        .then(pl.lit("only_refunds"))
+        .when(pl.col("review"))
+        .then(pl.lit("only_reviews"))
+        .otherwise(pl.lit("no_events_before_cutoff"))
+    )
+    grouped = both.select(reason.alias("reason")).group_by("reason").len().collect()
+    found = dict(zip(grouped["reason"].to_list(), grouped["len"].to_list(), strict=True))
+    out = {r: int(found.get(r, 0)) for r in ("in_population", *OUTSIDE_REASONS)}
+    return {"customers_seen": sum(out.values()), **out}
+
+
+def _sum_population(staged: str, storage: Storage, n_buckets: int) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for bucket in range(n_buckets):
+        counts = storage.read_json(join(staged, "_population", f"bucket={bucket}.json"))
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
 
 
 def feature_buckets(rows: int, cfg_features) -> int:
@@ -402,6 +462,11 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
     customers = _with_customer_attributes(customers, storage, run_dir, f.num_partitions)
     out = join(run_dir, "features", "customers")
     write_parquet(customers, out, storage)
+    # Customers seen in the input but outside the population, by reason (never dropped
+    # silently): one small file per bucket, summed here; evaluate puts them in metrics.json.
+    storage.write_json(
+        join(run_dir, "features", POPULATION_FILE), _sum_population(staged, storage, n_buckets)
+    )
     storage.delete_dir(staged)
     return out
 

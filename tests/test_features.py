@@ -189,6 +189,8 @@ def test_features_equal_an_independent_pandas_computation(seed):
 def test_build_features_on_ray_equals_one_pass_over_all_events(ray_local, tmp_path):
     """The bucketed stage (staged by customer hash, one task per bucket) gives every customer
     exactly once, with the values of one `customer_features` call over all events."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -224,4 +226,64 @@ def test_build_features_on_ray_equals_one_pass_over_all_events(ray_local, tmp_pa
     want = customer_features(events, cutoff, 90)
     got = got.sort_values("customer_id").reset_index(drop=True)
     assert got["customer_id"].is_unique and len(got) == len(want) > 300
+    population = json.loads((run_dir / "features" / "population.json").read_text())
+    assert population["in_population"] == len(want)
+    assert population["customers_seen"] == sum(
+        v for k, v in population.items() if k != "customers_seen"
+    )
+    assert population["customers_seen"] == ingested["transactions"]["customer_id"].nunique() + len(
+        set(ingested["reviews"]["customer_id"]) - set(ingested["transactions"]["customer_id"])
+    )
     pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
+
+
+def test_population_counts_every_customer_seen_by_reason():
+    import polars as pl
+
+    from clvray.features import population_counts
+
+    tx = pl.DataFrame(
+        {
+            "customer_id": ["in", "zero", "refund", "both", "both", "late", "in"],
+            "ts": pd.to_datetime(
+                [
+                    "2023-10-01",
+                    "2023-10-01",
+                    "2023-10-01",
+                    "2023-10-01",
+                    "2023-11-01",
+                    "2024-02-01",
+                    "2024-02-01",
+                ],
+                utc=True,
+            ),  # fmt: skip
+            "amount": [5.0, 0.0, -3.0, 0.0, -1.0, 9.0, 1.0],
+        }
+    ).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    rv = pl.DataFrame(
+        {
+            "customer_id": ["reviewer", "in"],
+            "ts": pd.to_datetime(["2023-09-01", "2023-09-01"], utc=True),
+        }
+    ).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    counts = population_counts(tx.lazy(), rv.lazy(), CUTOFF)
+    assert counts == {
+        "customers_seen": 6,
+        "in_population": 1,
+        "only_zero_amount_orders": 1,
+        "only_refunds": 1,
+        "only_zero_amount_orders_and_refunds": 1,
+        "only_reviews": 1,
+        "no_events_before_cutoff": 1,
+    }
+    # the population is exactly the customers that get a feature row
+    events = pd.concat(
+        [
+            to_events(
+                tx.to_pandas().assign(order_id=lambda d: d["customer_id"] + d.index.astype(str)),
+                "t",
+            )
+        ],
+        ignore_index=True,
+    )
+    assert len(customer_features(events, CUTOFF, 90)) == counts["in_population"]
