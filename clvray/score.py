@@ -60,7 +60,7 @@ def top_contributions(contribs: np.ndarray, features: list[str], k: int) -> dict
     """The k features with the largest |contribution| per row, with their signed values."""
     values = contribs[:, :-1]  # last column is the bias term
     order = np.argsort(-np.abs(values), axis=1, kind="stable")[:, :k]
-    out: dict[str, list] = {}
+    out: dict[str, list | np.ndarray] = {}
     for j in range(k):
         idx = order[:, j]
         out[f"top_feature_{j + 1}"] = [features[i] for i in idx]
@@ -93,10 +93,10 @@ class Scorer:
             out = assign_segments(out, self.edges)
         if self.top_k:
             contribs = self.boosters.contributions(batch)
-            for name, values in top_contributions(
+            for name, top in top_contributions(
                 contribs, self.boosters.features, self.top_k
             ).items():
-                out[name] = values
+                out[name] = top
         observability.record(
             "customers_scored", len(out), {"variant": self.boosters.meta["variant"]}
         )
