@@ -95,10 +95,10 @@ class Scorer:
             out = assign_segments(out, self.edges)
         if self.top_k:
             contribs = self.boosters.contributions(batch)
-            for name, column in top_contributions(
+            for name, top in top_contributions(
                 contribs, self.boosters.features, self.top_k
             ).items():
-                out[name] = column
+                out[name] = top
         observability.record(
             "customers_scored", len(out), {"variant": self.boosters.meta["variant"]}
         )
