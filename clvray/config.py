@@ -180,6 +180,20 @@ class TrainSection(_Strict):
     )
     tweedie_variance_power: float = Field(1.3, gt=1, lt=2)
     quantiles: list[float] = [0.1, 0.5, 0.9]
+    value_model: Literal["tweedie", "hurdle", "auto"] = "auto"
+    """`tweedie`: one booster on future value (`value_objective`); `hurdle`: P(any purchase in
+    the horizon) (the churn booster) times E[value | purchase] (a booster fitted on buyers
+    only, `spend_objective`); `auto`: fit both, keep the one with the higher normalized Gini +
+    Spearman on the valid split (the reason is saved in meta.json and metrics.json)."""
+    spend_objective: Literal["reg:gamma", "reg:tweedie", "reg:squarederror"] = "reg:gamma"
+    """Objective of the hurdle model's conditional part (buyers' future value, log link for
+    gamma / tweedie; buyers' net values below `SPEND_FLOOR` are raised to it)."""
+    conformal: bool = True
+    """Conformalise the outer quantiles on the valid split (CQR, per group of predicted value),
+    so the P10-P90 interval covers 80% of customers in each group, not only on average."""
+    conformal_groups: int = Field(10, gt=0)
+    """Groups of predicted value calibrated separately (fewer when the valid split has under
+    `MIN_CONFORMAL_GROUP` customers per group)."""
 
 
 class ScoreSection(_Strict):

@@ -269,7 +269,88 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
     customers = _with_customer_attributes(customers, storage, run_dir, f.num_partitions)
     out = join(run_dir, "features", "customers")
     write_parquet(customers, out, storage)
+    # Customers seen in the input but outside the population, by reason (never dropped
+    # silently); evaluate puts them in metrics.json.
+    storage.write_json(
+        join(run_dir, "features", POPULATION_FILE),
+        count_population(events, cutoff, f.num_partitions),
+    )
     return out
+
+
+POPULATION_FILE = "population.json"
+OUTSIDE_REASONS = (
+    "only_zero_amount_orders",
+    "only_refunds",
+    "only_zero_amount_orders_and_refunds",
+    "only_reviews",
+    "no_events_before_cutoff",
+)
+"""Why a customer seen in the input is outside the population at a cutoff, first match wins
+in this order of checks: no event before the cutoff; only reviews before it; transactions
+before it, none of them with a positive amount (zero-amount orders only, refunds only, or
+both). A zero-amount order is not a purchase here: it carries no money, so it neither makes
+a customer part of the population, nor counts in `frequency`, nor stops `churned`."""
+
+
+def _population_flags(batch: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
+    """Per event: which kinds of evidence it gives about its customer before the cutoff."""
+    past = (pd.to_datetime(batch["ts"], utc=True) < cutoff).to_numpy()
+    tx = (batch["kind"] == "t").to_numpy()
+    amount = batch["amount"].to_numpy("float64")
+    return pd.DataFrame(
+        {
+            "customer_id": batch["customer_id"].to_numpy(),
+            "positive": (past & tx & (amount > 0)).astype("int8"),
+            "zero": (past & tx & (amount == 0)).astype("int8"),
+            "refund": (past & tx & (amount < 0)).astype("int8"),
+            "review": (past & ~tx).astype("int8"),
+        }
+    )
+
+
+def population_reason(flags: pd.DataFrame) -> pd.DataFrame:
+    """`reason` per customer from their `max(...)` flags: `in_population` or an
+    `OUTSIDE_REASONS` entry."""
+    pos, zero = flags["max(positive)"] > 0, flags["max(zero)"] > 0
+    refund, review = flags["max(refund)"] > 0, flags["max(review)"] > 0
+    reason = np.select(
+        [pos, zero & refund, zero, refund, review],
+        [
+            "in_population",
+            "only_zero_amount_orders_and_refunds",
+            "only_zero_amount_orders",
+            "only_refunds",
+            "only_reviews",
+        ],
+        default="no_events_before_cutoff",
+    )
+    return pd.DataFrame({"reason": reason})
+
+
+def count_population(events, cutoff: pd.Timestamp, num_partitions: int) -> dict[str, int]:
+    """Customers of the `events` dataset by population reason: `{"customers_seen": n,
+    "in_population": n, <reason>: n, ...}`; every reason key is present and they add up to
+    `customers_seen`. Cost: one pass over the events and a hash groupby of four int8 flags
+    per event (one row per customer after it); one row per reason reaches the driver."""
+    from ray.data.aggregate import Max
+
+    per_customer = (
+        events.map_batches(
+            _population_flags, batch_format="pandas", fn_kwargs={"cutoff": as_utc(cutoff)}
+        )
+        .groupby("customer_id", num_partitions=num_partitions)
+        .aggregate(Max("positive"), Max("zero"), Max("refund"), Max("review"))
+    )
+    counts = (
+        per_customer.map_batches(population_reason, batch_format="pandas")
+        .groupby("reason")
+        .count()
+        .to_pandas()
+    )
+    by_reason = dict(zip(counts["reason"], counts["count()"].astype(int), strict=True))
+    out = {r: int(by_reason.get(r, 0)) for r in ("in_population", *OUTSIDE_REASONS)}
+    return {"customers_seen": sum(out.values()), **out}
 
 
 def _with_customer_attributes(customers, storage: Storage, run_dir: str, num_partitions: int):

@@ -145,8 +145,11 @@ def _ensure_synthetic(run: Run) -> Config:
     return cfg.model_copy(update={"data": data})
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """Run every stage; returns the metrics written to `<run_dir>/metrics.json`."""
+def run_pipeline(cfg: Config, ingest_from: str | None = None) -> dict:
+    """Run every stage; returns the metrics written to `<run_dir>/metrics.json`.
+
+    `ingest_from`: another run directory whose ingest output this run shares instead of
+    ingesting again (the backtest's cutoffs, `clvray.backtest.share_ingest`)."""
     connect_ray(cfg)
     import ray.data
 
@@ -159,6 +162,12 @@ def run_pipeline(cfg: Config) -> dict:
     storage, run_dir = run.storage, run.run_dir
 
     if run.done("ingest"):
+        run.skipped.append("ingest")
+    elif ingest_from is not None:
+        from clvray.backtest import share_ingest
+
+        counts = share_ingest(storage, ingest_from, run_dir)
+        run.mark("ingest", {"counts": counts, "shared_from": ingest_from})
         run.skipped.append("ingest")
     else:
         with run.timed("ingest"):

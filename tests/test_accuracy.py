@@ -1,0 +1,285 @@
+"""Issue 11: hurdle value model, conformal intervals, population accounting, backtest pooling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clvray import metrics
+from clvray.backtest import summarize
+from clvray.config import TrainSection
+from clvray.features import customer_features, population_reason
+from clvray.storage import Storage
+from clvray.train import Boosters, fit_conformal, train_models
+
+
+def _heteroscedastic(n: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Spend whose spread grows with the prediction, and raw quantiles that are too narrow
+    (a 40-60% band where 10-90% is asked): only the calibration can reach 80%."""
+    rng = np.random.default_rng(seed)
+    pred = rng.lognormal(3.0, 1.0, n)
+    y = np.where(rng.random(n) < 0.3, 0.0, pred * rng.lognormal(0.0, 0.3 + 0.2 * np.log1p(pred)))
+    return y, pred, pred * 0.9, pred * 1.1
+
+
+def test_conformal_offsets_match_an_independent_computation_and_cover_80_percent():
+    y, pred, lo, hi = _heteroscedastic(4000, seed=0)
+    cal = fit_conformal(y, pred, lo, hi, target=0.8, max_groups=4)
+    # independent: pandas qcut groups; the smallest score that at least ceil((n+1)0.8) of
+    # the group's scores do not exceed, found by counting
+    groups = pd.qcut(pred, 4, labels=False)
+    for g in range(4):
+        s = np.maximum(lo - y, y - hi)[groups == g]
+        need = min(len(s), math.ceil((len(s) + 1) * 0.8))
+        expected = min(v for v in s if (s <= v).sum() >= need)
+        assert cal["offsets"][g] == pytest.approx(expected)
+        assert cal["n"][g] == len(s)
+    assert cal["valid_coverage_raw"] < 0.5 < cal["valid_coverage"]
+
+    # fresh customers from the same process: 0.80 +- 0.03 overall and in each group
+    y2, pred2, lo2, hi2 = _heteroscedastic(20000, seed=1)
+    group = np.searchsorted(cal["edges"], pred2, side="right")
+    adj = np.asarray(cal["offsets"])[group]
+    inside = (y2 >= lo2 - adj) & (y2 <= hi2 + adj)
+    assert abs(inside.mean() - 0.8) < 0.03
+    for g in range(4):
+        assert abs(inside[group == g].mean() - 0.8) < 0.03
+
+
+def test_coverage_by_segment_matches_pandas():
+    y, pred, lo, hi = _heteroscedastic(1003, seed=2)
+    rows = metrics.coverage_by_segment(y, lo, hi, pred)
+    inside = pd.Series((y >= lo) & (y <= hi))
+    expected = inside.groupby(pd.qcut(pred, 10, labels=False)).agg(["mean", "size"])
+    assert [r["n"] for r in rows] == expected["size"].tolist()
+    assert [r["coverage"] for r in rows] == pytest.approx(expected["mean"].tolist())
+    assert all(r["ci_lo"] <= r["coverage"] <= r["ci_hi"] for r in rows)
+
+
+def test_population_reasons_add_up_to_every_customer_seen(ray_local):
+    import ray.data
+
+    from clvray.features import count_population
+
+    ts = pd.Timestamp("2024-01-01", tz="UTC")
+    before, after = ts - pd.Timedelta(days=5), ts + pd.Timedelta(days=5)
+    rows = [  # (customer, ts, order, amount, kind)
+        ("buyer", before, "o1", 10.0, "t"),
+        ("buyer", before, "o2", -3.0, "t"),
+        ("zero", before, "o3", 0.0, "t"),
+        ("zero", after, "o4", 8.0, "t"),
+        ("refund", before, "o5", -4.0, "t"),
+        ("both", before, "o6", 0.0, "t"),
+        ("both", before, "o7", -1.0, "t"),
+        ("reviewer", before, None, 0.0, "r"),
+        ("late", after, "o8", 5.0, "t"),
+        ("buyer2", before, "o9", 2.0, "t"),
+        ("buyer2", before, "o9", 0.0, "t"),  # a free line in a paid order
+    ]
+    events = pd.DataFrame(rows, columns=["customer_id", "ts", "order_id", "amount", "kind"])
+    events["rating"] = np.where(events["kind"] == "r", 4.0, np.nan)
+    counts = count_population(ray.data.from_pandas(events), ts, num_partitions=2)
+    assert counts == {
+        "customers_seen": 7,
+        "in_population": 2,
+        "only_zero_amount_orders": 1,
+        "only_refunds": 1,
+        "only_zero_amount_orders_and_refunds": 1,
+        "only_reviews": 1,
+        "no_events_before_cutoff": 1,
+    }
+    # the population is exactly the customers that get features
+    features = customer_features(events, ts, 30)
+    assert sorted(features["customer_id"]) == ["buyer", "buyer2"]
+    assert counts["in_population"] == len(features)
+
+
+def test_population_reason_priority():
+    flags = pd.DataFrame(
+        {
+            "max(positive)": [1, 0, 0, 0, 0, 0],
+            "max(zero)": [1, 1, 0, 1, 0, 0],
+            "max(refund)": [1, 0, 1, 1, 0, 0],
+            "max(review)": [1, 1, 1, 0, 1, 0],
+        }
+    )
+    assert population_reason(flags)["reason"].tolist() == [
+        "in_population",
+        "only_zero_amount_orders",
+        "only_refunds",
+        "only_zero_amount_orders_and_refunds",
+        "only_reviews",
+        "no_events_before_cutoff",
+    ]
+
+
+def _hurdle_customers(n: int = 1200, seed: int = 0) -> pd.DataFrame:
+    """Group A buys rarely (80% churn) but spends 100 when it buys; group B buys often (10%
+    churn) and spends 20: E[value] is 20 vs 18, E[value | purchase] 100 vs 20."""
+    rng = np.random.default_rng(seed)
+    a = rng.random(n) < 0.5
+    churned = rng.random(n) < np.where(a, 0.8, 0.1)
+    spend = np.where(a, 100.0, 20.0) * rng.uniform(0.8, 1.2, n)
+    return pd.DataFrame(
+        {
+            "customer_id": [f"c{i}" for i in range(n)],
+            "group_a": a.astype(float),
+            "noise": rng.normal(size=n),
+            "future_value": np.where(churned, 0.0, spend),
+            "churned": churned.astype("int64"),
+            "split": rng.choice(["train", "valid", "test"], n, p=[0.6, 0.25, 0.15]),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def hurdle_models(ray_local, tmp_path_factory):
+    import ray.data
+
+    df = _hurdle_customers()
+    customers = ray.data.from_pandas([df.iloc[:600], df.iloc[600:]])
+    cfg = TrainSection(
+        num_boost_round=40, early_stopping_rounds=10, max_depth=2, eta=0.3, value_model="auto"
+    )
+    out = tmp_path_factory.mktemp("hurdle")
+    models = train_models(customers, ["group_a", "noise"], cfg, Storage(), str(out), "gbm_h")
+    return df, Boosters(models.uri, Storage())
+
+
+def test_hurdle_model_is_purchase_probability_times_buyers_spend(hurdle_models):
+    import xgboost as xgb
+
+    df, boosters = hurdle_models
+    assert set(boosters.models) == {"value", "churn", "spend", "quantiles"}
+    choice = boosters.meta["value_model"]
+    assert choice["chosen"] in {"tweedie", "hurdle"} and choice["reason"].startswith("auto:")
+    assert set(choice["valid"]) == {"tweedie", "hurdle"}
+
+    probe = pd.DataFrame({"group_a": [1.0, 0.0], "noise": [0.0, 0.0]})
+    hurdle = boosters.candidates(probe)["hurdle"]
+    d = xgb.DMatrix(probe[["group_a", "noise"]])
+    rng_ = (0, boosters.meta["results"]["spend"]["best_iteration"] + 1)
+    spend = boosters.models["spend"].predict(d, iteration_range=rng_)
+    # the conditional part is fitted on buyers only: ~100 and ~20, not 20 and 18
+    assert spend[0] == pytest.approx(100, rel=0.15) and spend[1] == pytest.approx(20, rel=0.15)
+    churn = boosters.predict(probe)["churn_prob"]
+    assert hurdle == pytest.approx((1 - churn) * spend, rel=1e-5)
+
+
+def test_hurdle_contributions_add_up_to_log_value(hurdle_models):
+    df, boosters = hurdle_models
+    probe = df[["group_a", "noise"]].head(50)
+    boosters.value_model = "hurdle"
+    try:
+        contribs = boosters.contributions(probe)
+        value = boosters.predict(probe)["future_value_pred"]
+    finally:
+        boosters.value_model = boosters.meta["value_model"]["chosen"]
+    assert contribs.shape == (50, 3)
+    assert contribs.sum(axis=1) == pytest.approx(np.log(value), abs=1e-4)
+    # the group drives the value, not the noise
+    assert np.abs(contribs[:, 0]).mean() > np.abs(contribs[:, 1]).mean()
+
+
+def test_intervals_are_calibrated_and_ordered(hurdle_models):
+    df, boosters = hurdle_models
+    cal = boosters.conformal
+    assert cal is not None and cal["target"] == pytest.approx(0.8)
+    assert sum(cal["n"]) == (df["split"] == "valid").sum()
+    pred = boosters.predict(df)
+    assert (pred["value_p10"] <= pred["value_p50"]).all()
+    assert (pred["value_p50"] <= pred["value_p90"]).all()
+
+
+def _frame(rng: np.random.Generator, ids: np.ndarray) -> pd.DataFrame:
+    y = np.where(rng.random(ids.size) < 0.5, 0.0, rng.lognormal(3, 1, ids.size))
+    churned = (y == 0).astype(int)
+    return pd.DataFrame(
+        {
+            "customer_id": ids,
+            "future_value": y,
+            "churned": churned,
+            "pred_value__bgnbd_gamma_gamma": y + rng.normal(0, 30, ids.size),
+            "pred_churn__bgnbd_gamma_gamma": np.clip(churned * 0.3 + rng.random(ids.size) * 0.7, 0, 1),
+            "pred_value__gbm_behavioural": y + rng.normal(0, 20, ids.size),
+            "pred_churn__gbm_behavioural": np.clip(churned * 0.4 + rng.random(ids.size) * 0.6, 0, 1),
+            "pred_value__gbm_text_finetuned": y + rng.normal(0, 10, ids.size),
+            "pred_churn__gbm_text_finetuned": np.clip(churned * 0.5 + rng.random(ids.size) * 0.5, 0, 1),
+        }
+    )
+
+
+def test_summarize_pools_cutoffs_and_pairs_models():
+    rng = np.random.default_rng(3)
+    frames = [
+        _frame(rng, np.array([f"c{i}" for i in range(0, 300)])),
+        _frame(rng, np.array([f"c{i}" for i in range(150, 420)])),  # customers seen twice
+    ]
+    runs = [({"cutoff": f"2024-0{i + 1}-01", "run_dir": "x", "models": {}}, f) for i, f in enumerate(frames)]
+    s = summarize(runs, n_boot=200)
+    assert s["cutoffs"] == ["2024-01-01", "2024-02-01"]
+    gini = [metrics.normalized_gini(f["future_value"], f["pred_value__gbm_behavioural"]) for f in frames]
+    pooled = s["pooled"]["gbm_behavioural"]["normalized_gini"]
+    assert pooled["estimate"] == pytest.approx(np.mean(gini))
+    assert pooled["lo"] < pooled["estimate"] < pooled["hi"]
+    lift = s["text_lift"]["gbm_text_finetuned"]
+    auc = [
+        metrics.roc_auc(f["churned"], f["pred_churn__gbm_text_finetuned"])
+        - metrics.roc_auc(f["churned"], f["pred_churn__gbm_behavioural"])
+        for f in frames
+    ]
+    assert lift["churn_roc_auc"]["estimate"] == pytest.approx(np.mean(auc))
+    assert lift["normalized_gini"]["lo"] > 0  # less noise is a clear win
+    assert set(s["vs_bgnbd"]) == {"gbm_behavioural", "gbm_text_finetuned"}
+    # a model against itself: zero, with no spread
+    same = metrics.pooled_bootstrap(
+        [(np.arange(len(f)), f["future_value"], f["pred_value__gbm_behavioural"], f["pred_value__gbm_behavioural"]) for f in frames],
+        metrics.spearman,
+        n_boot=20,
+    )
+    assert same["estimate"] == same["lo"] == same["hi"] == 0
+
+
+@pytest.mark.slow
+def test_backtest_job_on_tiny_synthetic_data(ray_local, tmp_path):
+    import jobs.backtest as job
+
+    out = tmp_path / "backtest_synthetic.json"
+    argv = [
+        "--config", "configs/demo.yaml",
+        "--storage", str(tmp_path / "runs"),
+        "--prefix", "bt",
+        "--k", "2",
+        "--spacing-days", "60",
+        "--n-boot", "50",
+        "--out", str(out),
+        "--set", "data.synthetic.n_customers=400",
+        "--set", "data.synthetic.customers_per_task=400",
+        "--set", "features.num_partitions=2",
+        "--set", "train.num_boost_round=30",
+        "--set", "text.enabled=false",
+    ]  # fmt: skip
+    assert job.main(argv) == 0
+    s = json.loads(out.read_text())
+    assert s["k"] == 2 and s["spacing_days"] == 60 and s["horizon_days"] == 90
+    c0, c1 = (pd.Timestamp(c) for c in s["cutoffs"])
+    assert c0 - c1 == pd.Timedelta(days=60)
+    assert len(s["per_cutoff"]) == 2
+    for row in s["per_cutoff"]:
+        by_reason = row["population"]
+        assert by_reason["customers_seen"] == sum(v for k, v in by_reason.items() if k != "customers_seen")
+        assert row["models"]["gbm_behavioural"]["value_model"] in {"tweedie", "hurdle"}
+    pooled = s["pooled"]["gbm_behavioural"]
+    assert pooled["normalized_gini"]["lo"] <= pooled["normalized_gini"]["estimate"] <= pooled["normalized_gini"]["hi"]
+    assert 0 < pooled["interval_coverage"] < 1 and len(pooled["interval_coverage_by_segment"]) == 10
+    assert "gbm_behavioural" in s["vs_bgnbd"]
+    assert "gbm_behavioural@hurdle" in s["vs_behavioural"]
+    # the second cutoff shared the first one's ingest instead of ingesting again
+    second = tmp_path / "runs" / "bt-cutoff-1"
+    assert (second / "ingest" / "transactions").is_symlink()
+    m1 = json.loads((second / "metrics.json").read_text())
+    assert "ingest" in m1["skipped_stages"] and m1["cutoff"].startswith(str(c1.date()))
