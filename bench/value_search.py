@@ -40,7 +40,11 @@ CANDIDATES: dict[str, dict] = {
     "tweedie p1.3 d2": {"value_model": "tweedie", "max_depth": 2},
     "tweedie p1.3 d3": {"value_model": "tweedie", "max_depth": 3},
     "hurdle gamma d3": {"value_model": "hurdle", "max_depth": 3},
-    "hurdle tweedie d3": {"value_model": "hurdle", "max_depth": 3, "spend_objective": "reg:tweedie"},
+    "hurdle tweedie d3": {
+        "value_model": "hurdle",
+        "max_depth": 3,
+        "spend_objective": "reg:tweedie",
+    },
 }
 
 
@@ -105,7 +109,9 @@ def load_cutoff(run_dir: Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", required=True, help="comma-separated run directories, one per cutoff")
     p.add_argument("--out", default=None)
     p.add_argument("--n-boot", type=int, default=500)
@@ -146,9 +152,16 @@ def main() -> int:
     results = {}
     for name in preds:
         row = {}
-        for metric, fn in (("normalized_gini", metrics.normalized_gini), ("spearman", metrics.spearman)):
-            row[f"valid_{metric}"] = metrics.pooled_bootstrap(parts(name, None, "valid"), fn, 1)["estimate"]
-            row[f"test_{metric}"] = metrics.pooled_bootstrap(parts(name, None, "test"), fn, args.n_boot)
+        for metric, fn in (
+            ("normalized_gini", metrics.normalized_gini),
+            ("spearman", metrics.spearman),
+        ):
+            row[f"valid_{metric}"] = metrics.pooled_bootstrap(parts(name, None, "valid"), fn, 1)[
+                "estimate"
+            ]
+            row[f"test_{metric}"] = metrics.pooled_bootstrap(
+                parts(name, None, "test"), fn, args.n_boot
+            )
             if name != "bgnbd_gamma_gamma":
                 row[f"test_{metric}_vs_bgnbd"] = metrics.pooled_bootstrap(
                     parts(name, "bgnbd_gamma_gamma", "test"), fn, args.n_boot
@@ -165,7 +178,9 @@ def main() -> int:
         print(line, flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"runs": args.runs.split(","), "results": results}, indent=1) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"runs": args.runs.split(","), "results": results}, indent=1) + "\n"
+        )
     return 0
 
 

@@ -122,9 +122,7 @@ def run_backtest(
             m = run_pipeline(at(cutoff, run_id), ingest_from=first_dir)
         log.info("backtest cutoff %s done: %s", m["cutoff"], m["run_dir"])
         runs.append(m)
-    summary = summarize(
-        [(m, _read_frame(storage, m["run_dir"])) for m in runs], n_boot=n_boot
-    )
+    summary = summarize([(m, _read_frame(storage, m["run_dir"])) for m in runs], n_boot=n_boot)
     summary.update(
         {
             "source": cfg.data.source,
@@ -234,7 +232,9 @@ def summarize(runs: list[tuple[dict, pd.DataFrame]], n_boot: int = 500, seed: in
         "vs_bgnbd": versus(BGNBD_MODEL, gbms),
         "vs_behavioural": versus(BEHAVIOURAL_MODEL, [n for n in gbms if n not in text]),
         "text_lift": versus(BEHAVIOURAL_MODEL, text),
-        "primary_models": sorted({m.get("primary_model") for m, _ in runs if m.get("primary_model")}),
+        "primary_models": sorted(
+            {m.get("primary_model") for m, _ in runs if m.get("primary_model")}
+        ),
     }
 
 

@@ -223,7 +223,9 @@ def relbench_churn(run, base: pd.DataFrame, frame: pd.DataFrame, cutoff: pd.Time
     `horizon_days: 91` (RelBench also trains on many timestamps, we on one cutoff).
     Cost: one filtered pass over the reviews; test customers' ids reach the driver."""
     window = pd.Timedelta(days=RELBENCH_DAYS)
-    reviews = read_parquet(join(run.run_dir, "ingest", "reviews"), run.storage, ["customer_id", "ts"])
+    reviews = read_parquet(
+        join(run.run_dir, "ingest", "reviews"), run.storage, ["customer_id", "ts"]
+    )
     ids = set(base["customer_id"])
 
     def reviewers(lo: pd.Timestamp, hi: pd.Timestamp) -> set:

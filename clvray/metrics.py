@@ -386,7 +386,13 @@ def coverage_by_segment(
         centre = (c + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(c * (1 - c) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         rows.append(
-            {"segment": k, "n": int(n), "coverage": c, "ci_lo": centre - half, "ci_hi": centre + half}
+            {
+                "segment": k,
+                "n": int(n),
+                "coverage": c,
+                "ci_lo": centre - half,
+                "ci_hi": centre + half,
+            }
         )
     return rows
 

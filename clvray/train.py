@@ -295,9 +295,8 @@ def choose_value_model(valid: pd.DataFrame, configured: str) -> dict:
     # Sorted names: a tie keeps the same model on every run.
     chosen = max(sorted(scores), key=total)
     others = ", ".join(f"{n} {total(n):.4f}" for n in sorted(scores) if n != chosen)
-    reason = (
-        f"auto: higher valid normalized Gini + Spearman ({chosen} {total(chosen):.4f}"
-        + (f" vs {others})" if others else ")")
+    reason = f"auto: higher valid normalized Gini + Spearman ({chosen} {total(chosen):.4f}" + (
+        f" vs {others})" if others else ")"
     )
     return {"chosen": chosen, "reason": reason, "valid": scores}
 
@@ -483,7 +482,9 @@ class Boosters:
         return out
 
     def _raw_quantiles(self, d, n: int) -> np.ndarray:
-        q = np.asarray(self.models["quantiles"].predict(d, iteration_range=self._range("quantiles")))
+        q = np.asarray(
+            self.models["quantiles"].predict(d, iteration_range=self._range("quantiles"))
+        )
         return np.sort(q.reshape(n, -1), axis=1)
 
     def predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
