@@ -131,8 +131,8 @@ def evaluate(
         candidates = boosters.candidates(df)
         if len(candidates) > 1:
             # Both value models of `auto`, on the same customers: what the choice was between.
-            for kind, pred in candidates.items():
-                add(f"{variant}@{kind}", {"future_value_pred": pred})
+            for kind, values in candidates.items():
+                add(f"{variant}@{kind}", {"future_value_pred": values})
 
     add(
         "heuristic",

@@ -560,5 +560,5 @@ class Boosters:
         out: dict[str, float] = {}
         for name in names:
             for k, v in self.models[name].get_score(importance_type="gain").items():
-                out[k] = out.get(k, 0.0) + float(v)
+                out[k] = out.get(k, 0.0) + float(np.sum(v))
         return out
