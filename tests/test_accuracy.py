@@ -117,6 +117,29 @@ def test_population_reason_priority():
     ]
 
 
+def test_relbench_churn_labels_follow_the_91_day_windows():
+    from clvray.evaluate import relbench_labels
+
+    cutoff = pd.Timestamp("2014-01-01", tz="UTC")
+    day = pd.Timedelta(days=1)
+    reviews = pd.DataFrame(
+        {
+            "customer_id": ["a", "a", "b", "c", "c", "d"],
+            "ts": [
+                cutoff - 10 * day,  # a: active, reviews again -> not churned
+                cutoff + 90 * day,
+                cutoff - 91 * day,  # b: active (day -91 is inside), no later review -> churned
+                cutoff - 92 * day,  # c: not active (too early); its review on day 91 is outside
+                cutoff + 91 * day,
+                cutoff,  # d: first review at the cutoff: not active
+            ],
+        }
+    )
+    active, churned = relbench_labels(reviews, pd.Series(["a", "b", "c", "d", "e"]), cutoff)
+    assert active.tolist() == [True, True, False, False, False]
+    assert churned.tolist() == [0, 1, 1, 0, 1]
+
+
 def _hurdle_customers(n: int = 1200, seed: int = 0) -> pd.DataFrame:
     """Group A buys rarely (80% churn) but spends 100 when it buys; group B buys often (10%
     churn) and spends 20: E[value] is 20 vs 18, E[value | purchase] 100 vs 20."""
