@@ -314,41 +314,56 @@ def fit_conformal(
     target: float = 0.8,
     max_groups: int = 10,
 ) -> dict:
-    """Conformalised quantile regression (Romano et al., 2019) per group of predicted value.
+    """Conformalised quantile regression (Romano et al., 2019) per group of predicted value,
+    with the two ends calibrated one after the other.
 
-    The score of a valid customer is how far the raw interval must widen to hold them,
-    `max(q_lo - y, y - q_hi)` (negative when inside). In each group the offset is the
-    ceil((n + 1) * target)-th smallest score, so `[q_lo - offset, q_hi + offset]` holds a new
-    customer of that group with probability >= target (and < target + 1 / (n + 1) without
-    ties). Groups are equal-count bins of the predicted value (at most `max_groups`, at least
-    `MIN_CONFORMAL_GROUP` customers each): coverage then holds for the customers with the
-    highest predicted value too, not only on average. Returns the JSON saved in meta.json.
+    Future value has a point mass at zero (customers who buy nothing) and the raw P10 is often
+    exactly zero too, so the symmetric CQR score `max(q_lo - y, y - q_hi)` is tied at zero for
+    a large share of customers and its quantile overshoots the target (0.83-0.85 measured on
+    Online Retail for 0.80). Instead, in each group: the lower offset is the
+    ceil((n + 1)(1 - a/2))-th smallest `q_lo - y` (a = 1 - target: at most a/2 fall below);
+    then among the customers above their lower end the upper score `y - q_hi` (those below
+    count as +inf) gives the upper offset as its ceil((n + 1) * target)-th smallest. Upper
+    scores are continuous in practice, so the interval `[q_lo - lower, q_hi + upper]` holds
+    close to `target` of a group's customers, not more. Groups are equal-count bins of the
+    predicted value (at most `max_groups`, at least `MIN_CONFORMAL_GROUP` customers each): the
+    customers with the highest predicted value get their own calibration. Returns the JSON
+    saved in meta.json.
     """
     y, pred = np.asarray(y, float), np.asarray(pred, float)
     q_lo, q_hi = np.asarray(q_lo, float), np.asarray(q_hi, float)
     n_groups = int(max(1, min(max_groups, len(y) // MIN_CONFORMAL_GROUP)))
     edges = np.unique(np.quantile(pred, np.linspace(0, 1, n_groups + 1)[1:-1])).tolist()
     group = conformal_groups(pred, edges)
-    scores = np.maximum(q_lo - y, y - q_hi)
 
-    def offset(s: np.ndarray) -> float:
+    def kth(s: np.ndarray, level: float) -> float:
         s = np.sort(s)
-        k = int(np.ceil((len(s) + 1) * target))
-        return float(s[min(k, len(s)) - 1])
+        k = min(int(np.ceil((len(s) + 1) * level)), len(s))
+        finite = s[np.isfinite(s)]
+        return float(s[k - 1]) if np.isfinite(s[k - 1]) else float(finite.max(initial=0.0))
 
-    offsets, sizes = [], []
+    def offsets(m: np.ndarray) -> tuple[float, float]:
+        lower = kth(q_lo[m] - y[m], 1 - (1 - target) / 2)
+        upper = np.where(y[m] >= q_lo[m] - lower, y[m] - q_hi[m], np.inf)
+        return lower, kth(upper, target)
+
+    lows, highs, sizes = [], [], []
+    everyone = np.ones(len(y), dtype=bool)
     for g in range(len(edges) + 1):
-        s = scores[group == g]
-        offsets.append(offset(s) if len(s) else offset(scores))
-        sizes.append(int(len(s)))
-    adj = np.asarray(offsets)[group]
+        m = group == g
+        lo_off, hi_off = offsets(m if m.any() else everyone)
+        lows.append(lo_off)
+        highs.append(hi_off)
+        sizes.append(int(m.sum()))
+    lo_adj, hi_adj = np.asarray(lows)[group], np.asarray(highs)[group]
     return {
         "target": target,
         "edges": edges,
-        "offsets": offsets,
+        "offsets_lo": lows,
+        "offsets_hi": highs,
         "n": sizes,
         "valid_coverage_raw": float(np.mean((y >= q_lo) & (y <= q_hi))),
-        "valid_coverage": float(np.mean((y >= q_lo - adj) & (y <= q_hi + adj))),
+        "valid_coverage": float(np.mean((y >= q_lo - lo_adj) & (y <= q_hi + hi_adj))),
     }
 
 
@@ -499,10 +514,13 @@ class Boosters:
         out = {"future_value_pred": value, "churn_prob": churn}
         q = self._raw_quantiles(d, len(df))
         if self.conformal is not None:
-            adj = np.asarray(self.conformal["offsets"], dtype=float)[
-                conformal_groups(value, self.conformal["edges"])
-            ]
-            lo, hi = q[:, 0] - adj, q[:, -1] + adj
+            group = conformal_groups(value, self.conformal["edges"])
+            # "offsets": one symmetric offset per group (models saved before the two ends
+            # were calibrated separately)
+            both = self.conformal.get("offsets")
+            lo_off = np.asarray(self.conformal.get("offsets_lo", both), dtype=float)[group]
+            hi_off = np.asarray(self.conformal.get("offsets_hi", both), dtype=float)[group]
+            lo, hi = q[:, 0] - lo_off, q[:, -1] + hi_off
             hi = np.maximum(lo, hi)  # an offset below -(width / 2) would invert the interval
             q = np.clip(q, lo[:, None], hi[:, None])
             q[:, 0], q[:, -1] = lo, hi
