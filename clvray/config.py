@@ -180,11 +180,13 @@ class TrainSection(_Strict):
     )
     tweedie_variance_power: float = Field(1.3, gt=1, lt=2)
     quantiles: list[float] = [0.1, 0.5, 0.9]
-    value_model: Literal["tweedie", "hurdle", "auto"] = "auto"
+    value_model: Literal["tweedie", "hurdle", "blend", "auto"] = "auto"
     """`tweedie`: one booster on future value (`value_objective`); `hurdle`: P(any purchase in
     the horizon) (the churn booster) times E[value | purchase] (a booster fitted on buyers
-    only, `spend_objective`); `auto`: fit both, keep the one with the higher normalized Gini +
-    Spearman on the valid split (the reason is saved in meta.json and metrics.json)."""
+    only, `spend_objective`); `blend`: geometric mean of the hurdle value and the train-fitted
+    BG/NBD + Gamma-Gamma expected value (needs `features.btyd_features`); `auto`: every one of
+    them that can be built, keeping the one with the higher normalized Gini + Spearman on the
+    valid split (the reason is saved in meta.json and metrics.json)."""
     spend_objective: Literal["reg:gamma", "reg:tweedie", "reg:squarederror"] = "reg:gamma"
     """Objective of the hurdle model's conditional part (buyers' future value, log link for
     gamma / tweedie; buyers' net values below `SPEND_FLOOR` are raised to it)."""

@@ -44,6 +44,12 @@ whose refunds exceed their purchases in the horizon still bought, and gamma need
 CALIBRATION_ROWS = 200_000
 """At most this many valid customers (a hash sample) reach the driver for model choice and
 conformal calibration: one float per model each."""
+BLEND_FEATURE = "btyd_expected_value"
+"""The BG/NBD + Gamma-Gamma expected value over the horizon (`clvray.btyd`), a GBM feature
+when `features.btyd_features` is on; the `blend` value model averages it with the hurdle's
+value in log space."""
+BLEND_FLOOR = 1e-6
+"""Both values are raised to this before the geometric mean (log of zero)."""
 MIN_CONFORMAL_GROUP = 50
 """Fewest valid customers per conformal group: the offset of a group is its
 ceil((n+1)*0.8)-th score, too noisy below this."""
@@ -168,7 +174,7 @@ def model_params(cfg: TrainSection, seed: int) -> dict[str, dict]:
     if cfg.value_model in ("tweedie", "auto"):
         params["value"] = value
     params["churn"] = {**base, "objective": "binary:logistic", "eval_metric": "logloss"}
-    if cfg.value_model in ("hurdle", "auto"):
+    if cfg.value_model in ("hurdle", "blend", "auto"):
         params["spend"] = spend
     params["quantiles"] = {
         **base,
@@ -176,6 +182,19 @@ def model_params(cfg: TrainSection, seed: int) -> dict[str, dict]:
         "quantile_alpha": list(cfg.quantiles),
     }
     return params
+
+
+def value_candidates(value_model: str, features: list[str]) -> list[str]:
+    """The value models built for `train.value_model` (auto: all that `features` allow)."""
+    blend_ok = BLEND_FEATURE in features
+    if value_model == "blend" and not blend_ok:
+        raise ValueError(
+            f"train.value_model=blend needs the {BLEND_FEATURE} feature "
+            "(features.btyd_features: true, and a BG/NBD + Gamma-Gamma fit)"
+        )
+    if value_model == "auto":
+        return ["tweedie", "hurdle", *(["blend"] if blend_ok else [])]
+    return ["hurdle", "blend"] if value_model == "blend" else [value_model]
 
 
 def _rows(df: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -246,7 +265,7 @@ def _calibration_columns(batch: pd.DataFrame, model_uri: str, storage: Storage) 
     d = boosters._dmatrix(batch)
     churn = boosters._churn(d)
     out = pd.DataFrame({"future_value": batch["future_value"].to_numpy("float64")})
-    for name, values in boosters._candidates(d, churn).items():
+    for name, values in boosters._candidates(d, churn, batch).items():
         out[f"pred_{name}"] = np.asarray(values, dtype="float64")
     q = boosters._raw_quantiles(d, len(batch))
     out["q_lo"], out["q_hi"] = q[:, 0], q[:, -1]
@@ -407,6 +426,7 @@ def train_models(
     )
     categories = fit_categories(train_ds, categorical_columns(features))
     params = model_params(cfg, seed)
+    candidates = value_candidates(cfg.value_model, features)
     fs, storage_path = storage.filesystem(join(run_dir, "ray_train"))
     trainer = XGBoostTrainer(
         _train_loop,
@@ -437,7 +457,13 @@ def train_models(
             results = json.load(f)
         storage.delete_dir(out)
         storage.upload_dir(ckpt, out)
-    meta: dict = {"variant": variant, "features": features, "params": params, "results": results}
+    meta: dict = {
+        "variant": variant,
+        "features": features,
+        "params": params,
+        "results": results,
+        "candidates": candidates,
+    }
     if categories:
         meta["categories"] = categories
     storage.write_json(join(out, "meta.json"), meta)
@@ -486,14 +512,20 @@ class Boosters:
     def _churn(self, d) -> np.ndarray:
         return self.models["churn"].predict(d, iteration_range=self._range("churn"))
 
-    def _candidates(self, d, churn: np.ndarray) -> dict[str, np.ndarray]:
-        """Point value of every fitted value model: `tweedie` and/or `hurdle`."""
+    def _candidates(self, d, churn: np.ndarray, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Point value of every value model built: `tweedie`, `hurdle`, `blend`."""
         out = {}
         if "value" in self.models:
             out["tweedie"] = self.models["value"].predict(d, iteration_range=self._range("value"))
         if "spend" in self.models:
             spend = self.models["spend"].predict(d, iteration_range=self._range("spend"))
             out["hurdle"] = (1.0 - churn) * spend
+        # Models saved before the blend existed list no candidates: no blend for them.
+        if "blend" in self.meta.get("candidates", []):
+            bg = df[BLEND_FEATURE].to_numpy("float64")
+            out["blend"] = np.sqrt(
+                np.clip(out["hurdle"], BLEND_FLOOR, None) * np.clip(bg, BLEND_FLOOR, None)
+            )
         return out
 
     def _raw_quantiles(self, d, n: int) -> np.ndarray:
@@ -510,7 +542,7 @@ class Boosters:
         """
         d = self._dmatrix(df)
         churn = self._churn(d)
-        value = self._candidates(d, churn)[self.value_model]
+        value = self._candidates(d, churn, df)[self.value_model]
         out = {"future_value_pred": value, "churn_prob": churn}
         q = self._raw_quantiles(d, len(df))
         if self.conformal is not None:
@@ -531,7 +563,7 @@ class Boosters:
     def candidates(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         """Point value of every value model fitted for this variant (evaluation compares them)."""
         d = self._dmatrix(df)
-        return self._candidates(d, self._churn(d))
+        return self._candidates(d, self._churn(d), df)
 
     def contributions(self, df: pd.DataFrame) -> np.ndarray:
         """Per-feature contributions to log(predicted value) (SHAP; last column is the bias).
@@ -540,13 +572,22 @@ class Boosters:
         log P(purchase) + log E[value | purchase]. The spend booster's margin contributions are
         exact for the second term (log link); the churn booster's logit contributions are
         rescaled by (log P(purchase) - its value at the bias) / (logit - bias), so they add up
-        to the first term. Rows sum to log(value) either way.
+        to the first term. Blend: half the hurdle's contributions, plus half of log(BG/NBD
+        expected value) in that feature's column. Rows sum to log(value) in every case.
         """
-        d = self._dmatrix(df)
+        if self.value_model == "blend":
+            out = 0.5 * self._hurdle_contributions(df)
+            bg = np.clip(df[BLEND_FEATURE].to_numpy("float64"), BLEND_FLOOR, None)
+            out[:, self.features.index(BLEND_FEATURE)] += 0.5 * np.log(bg)
+            return out
         if self.value_model == "tweedie":
             return self.models["value"].predict(
-                d, pred_contribs=True, iteration_range=self._range("value")
+                self._dmatrix(df), pred_contribs=True, iteration_range=self._range("value")
             )
+        return self._hurdle_contributions(df)
+
+    def _hurdle_contributions(self, df: pd.DataFrame) -> np.ndarray:
+        d = self._dmatrix(df)
         churn = self.models["churn"].predict(
             d, pred_contribs=True, iteration_range=self._range("churn")
         )
@@ -575,6 +616,7 @@ class Boosters:
     def importance(self) -> dict[str, float]:
         """Gain of each feature in the chosen value model (hurdle: both boosters' gains)."""
         names = ["value"] if self.value_model == "tweedie" else ["churn", "spend"]
+        # (blend: the hurdle's boosters; its BG/NBD half is a fitted formula, not a booster)
         out: dict[str, float] = {}
         for name in names:
             for k, v in self.models[name].get_score(importance_type="gain").items():

@@ -170,6 +170,8 @@ def _hurdle_customers(n: int = 1200, seed: int = 0) -> pd.DataFrame:
             "customer_id": [f"c{i}" for i in range(n)],
             "group_a": a.astype(float),
             "noise": rng.normal(size=n),
+            # a BG/NBD-like estimate of E[value]: right on average, noisy per customer
+            "btyd_expected_value": np.where(a, 20.0, 18.0) * rng.lognormal(0.0, 0.3, n),
             "future_value": np.where(churned, 0.0, spend),
             "churned": churned.astype("int64"),
             "split": rng.choice(["train", "valid", "test"], n, p=[0.6, 0.25, 0.15]),
@@ -187,7 +189,8 @@ def hurdle_models(ray_local, tmp_path_factory):
         num_boost_round=40, early_stopping_rounds=10, max_depth=2, eta=0.3, value_model="auto"
     )
     out = tmp_path_factory.mktemp("hurdle")
-    models = train_models(customers, ["group_a", "noise"], cfg, Storage(), str(out), "gbm_h")
+    features = ["group_a", "noise", "btyd_expected_value"]
+    models = train_models(customers, features, cfg, Storage(), str(out), "gbm_h")
     return df, Boosters(models.uri, Storage())
 
 
@@ -197,12 +200,17 @@ def test_hurdle_model_is_purchase_probability_times_buyers_spend(hurdle_models):
     df, boosters = hurdle_models
     assert set(boosters.models) == {"value", "churn", "spend", "quantiles"}
     choice = boosters.meta["value_model"]
-    assert choice["chosen"] in {"tweedie", "hurdle"} and choice["reason"].startswith("auto:")
-    assert set(choice["valid"]) == {"tweedie", "hurdle"}
+    assert choice["chosen"] in {"tweedie", "hurdle", "blend"}
+    assert choice["reason"].startswith("auto:")
+    assert set(choice["valid"]) == {"tweedie", "hurdle", "blend"}
 
-    probe = pd.DataFrame({"group_a": [1.0, 0.0], "noise": [0.0, 0.0]})
-    hurdle = boosters.candidates(probe)["hurdle"]
-    d = xgb.DMatrix(probe[["group_a", "noise"]])
+    probe = pd.DataFrame(
+        {"group_a": [1.0, 0.0], "noise": [0.0, 0.0], "btyd_expected_value": [4.0, 9.0]}
+    )
+    candidates = boosters.candidates(probe)
+    hurdle = candidates["hurdle"]
+    assert candidates["blend"] == pytest.approx(np.sqrt(hurdle * [4.0, 9.0]), rel=1e-5)
+    d = xgb.DMatrix(probe[["group_a", "noise", "btyd_expected_value"]])
     rng_ = (0, boosters.meta["results"]["spend"]["best_iteration"] + 1)
     spend = boosters.models["spend"].predict(d, iteration_range=rng_)
     # the conditional part is fitted on buyers only: ~100 and ~20, not 20 and 18
@@ -213,13 +221,13 @@ def test_hurdle_model_is_purchase_probability_times_buyers_spend(hurdle_models):
 
 def test_hurdle_contributions_add_up_to_log_value(hurdle_models):
     df, boosters = hurdle_models
-    probe = df[["group_a", "noise"]].head(50)
+    probe = df[["group_a", "noise", "btyd_expected_value"]].head(50)
     try:
-        for kind in ("hurdle", "tweedie"):
+        for kind in ("hurdle", "tweedie", "blend"):
             boosters.value_model = kind
             contribs = boosters.contributions(probe)
             value = boosters.predict(probe)["future_value_pred"]
-            assert contribs.shape == (50, 3)
+            assert contribs.shape == (50, 4)
             assert contribs.sum(axis=1) == pytest.approx(np.log(value), abs=1e-4)
     finally:
         boosters.value_model = boosters.meta["value_model"]["chosen"]
