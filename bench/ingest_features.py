@@ -124,7 +124,7 @@ def _clvray_child(args) -> dict:
     from clvray.config import load_config
     from clvray.features import build_features
     from clvray.ingest import ingest
-    from clvray.pipeline import absolute_paths, connect_ray, prepare_run
+    from clvray.pipeline import connect_ray, open_run
 
     cfg = load_config(
         None,
@@ -140,7 +140,7 @@ def _clvray_child(args) -> dict:
             f"ray.num_cpus={args.num_cpus}",
         ],
     )
-    cfg = absolute_paths(cfg)
+    cfg, storage, run_dir, _ = open_run(cfg)
     cluster = None
     with Timer() as start:
         if args.nodes:
@@ -156,11 +156,10 @@ def _clvray_child(args) -> dict:
             ray.init(address=cluster.address, log_to_driver=False)
         else:
             connect_ray(cfg)
-    run = prepare_run(cfg)
     with Timer() as t_ingest:
-        counts = ingest(cfg, run.storage, run.run_dir)
+        counts = ingest(cfg, storage, run_dir)
     with Timer() as t_features:
-        build_features(cfg, run.storage, run.run_dir, pd.Timestamp(CUTOFF, tz="UTC"))
+        build_features(cfg, storage, run_dir, pd.Timestamp(CUTOFF, tz="UTC"))
     spilled = _spilled_mib()
     if cluster is not None:  # stop the processes this child started
         import ray

@@ -286,6 +286,23 @@ class TrainSection(_Strict):
             raise ValueError(f"quantiles must lie inside (0, 1); got {outside}")
         return quantiles
 
+    value_model: Literal["tweedie", "hurdle", "blend", "auto"] = "auto"
+    """`tweedie`: one booster on future value (`value_objective`); `hurdle`: P(any purchase in
+    the horizon) (the churn booster) times E[value | purchase] (a booster fitted on buyers
+    only, `spend_objective`); `blend`: geometric mean of the hurdle value and the train-fitted
+    BG/NBD + Gamma-Gamma expected value (needs `features.btyd_features`); `auto`: every one of
+    them that can be built, keeping the one with the higher normalized Gini + Spearman on the
+    valid split (the reason is saved in meta.json and metrics.json)."""
+    spend_objective: Literal["reg:gamma", "reg:tweedie", "reg:squarederror"] = "reg:gamma"
+    """Objective of the hurdle model's conditional part (buyers' future value, log link for
+    gamma / tweedie; buyers' net values below `SPEND_FLOOR` are raised to it)."""
+    conformal: bool = True
+    """Conformalise the outer quantiles on the valid split (CQR, per group of predicted value),
+    so the P10-P90 interval covers 80% of customers in each group, not only on average."""
+    conformal_groups: int = Field(10, gt=0)
+    """Groups of predicted value calibrated separately (fewer when the valid split has under
+    `MIN_CONFORMAL_GROUP` customers per group)."""
+
 
 class ScoreSection(_Strict):
     batch_size: int = Field(4096, gt=0)

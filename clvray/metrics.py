@@ -344,3 +344,94 @@ def paired_bootstrap_difference(
         "p_a_better": float(np.mean(deltas > 0)) if deltas.size else math.nan,
         "n_boot": int(deltas.size),
     }
+
+
+def coverage_by_segment(
+    y_true: object, lo: object, hi: object, y_pred: object, n_segments: int = N_DECILES
+) -> list[dict[str, float | int]]:
+    """Interval coverage per segment of predicted value: customers sorted by `y_pred`, lowest
+    first (ties by input order), cut into `n_segments` equal-count groups; segment 1 holds the
+    lowest predictions. Rows `{"segment", "n", "coverage", "ci_lo", "ci_hi"}`, the last two a
+    Wilson 95% interval of the coverage (how far a segment's number can move by chance alone);
+    empty segments are left out."""
+    t, p = _pair(y_true, y_pred)
+    _, low = _pair(t, lo, "lo")
+    _, high = _pair(t, hi, "hi")
+    order = np.argsort(p, kind="stable")
+    inside = ((t >= low) & (t <= high))[order]
+    rows: list[dict[str, float | int]] = []
+    for k, part in enumerate(np.array_split(inside, n_segments), start=1):
+        n = part.size
+        if n == 0:
+            continue
+        c = float(part.mean())
+        z = 1.959963984540054
+        centre = (c + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(c * (1 - c) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        rows.append(
+            {
+                "segment": k,
+                "n": int(n),
+                "coverage": c,
+                "ci_lo": centre - half,
+                "ci_hi": centre + half,
+            }
+        )
+    return rows
+
+
+def pooled_bootstrap(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    n_boot: int = 500,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A metric pooled over cutoffs, or the paired difference of two models, with a bootstrap
+    interval that resamples customers.
+
+    `parts` holds one `(customer, y_true, pred_a, pred_b)` per cutoff, `customer` integer codes
+    shared across cutoffs, `pred_b` None for a single model. The pooled value is the mean over
+    cutoffs of `metric(y, a)` (minus `metric(y, b)`): each cutoff weighs the same whatever its
+    size, and no metric mixes customers of different cutoffs. A resample draws customers with
+    replacement and keeps every row of a drawn customer in every cutoff (a customer is seen at
+    several cutoffs, so rows are not independent); both models see the same resample. Returns
+    `estimate`, `lo`, `hi`, `n_boot` and, for a difference, `p_a_better`.
+    """
+    if not parts:
+        raise ValueError("parts is empty")
+    n_customers = int(max(int(c.max()) for c, *_ in parts if c.size) + 1)
+    clean = []
+    for c, y, a, b in parts:
+        t, pa_ = _pair(y, a, "pred_a")
+        pb = _pair(t, b, "pred_b")[1] if b is not None else None
+        clean.append((np.asarray(c, dtype=np.int64), t, pa_, pb))
+
+    def pooled(weights: np.ndarray | None) -> float:
+        values = []
+        for c, t, a, b in clean:
+            idx = np.arange(t.size) if weights is None else np.repeat(np.arange(t.size), weights[c])
+            if idx.size == 0:
+                continue
+            v = metric(t[idx], a[idx])
+            if b is not None:
+                v -= metric(t[idx], b[idx])
+            values.append(v)
+        return float(np.mean(values)) if values else math.nan
+
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_boot)
+    for i in range(n_boot):
+        weights = np.bincount(rng.integers(0, n_customers, n_customers), minlength=n_customers)
+        draws[i] = pooled(weights)
+    draws = draws[np.isfinite(draws)]
+    tail = (1 - level) / 2 * 100
+    out = {
+        "estimate": pooled(None),
+        "lo": float(np.percentile(draws, tail)) if draws.size else math.nan,
+        "hi": float(np.percentile(draws, 100 - tail)) if draws.size else math.nan,
+        "n_boot": int(draws.size),
+    }
+    if any(b is not None for *_, b in clean):
+        out["p_a_better"] = float(np.mean(draws > 0)) if draws.size else math.nan
+    return out

@@ -169,12 +169,19 @@ def ray_logs_to(path: str) -> Iterator[None]:
             logger.addHandler(h)
 
 
-def run_pipeline(cfg: Config, until: str | None = None, only: Iterable[str] | None = None) -> dict:
+def run_pipeline(
+    cfg: Config,
+    until: str | None = None,
+    only: Iterable[str] | None = None,
+    ingest_from: str | None = None,
+) -> dict:
     """Run the stage graph (all of it, what `until` needs, or the stages in `only`).
 
     Returns the run's metrics (also written to `<run_dir>/metrics.json`) once `evaluate` has
     run; for a slice that stops earlier, `run_dir`, `ran_stages`, `skipped_stages` and
-    `timings_s`. Ray's log records go to `<run_dir>/logs/ray.log` (local storage) or a local
+    `timings_s`. `ingest_from`: another run directory over the same data and ingest config
+    whose ingest output and marker this run shares instead of ingesting again (the backtest's
+    cutoffs). Ray's log records go to `<run_dir>/logs/ray.log` (local storage) or a local
     temporary file copied there (S3).
     """
     cfg, storage, run_dir, runner = open_run(cfg)
@@ -197,6 +204,11 @@ def run_pipeline(cfg: Config, until: str | None = None, only: Iterable[str] | No
         storage.write_text(join(run_dir, "config.yaml"), cfg.to_yaml())
         log.info("run directory %s (Ray's logs: %s)", run_dir, log_file)
         ensure_synthetic(cfg, storage)
+        if ingest_from is not None and not runner.done("ingest"):
+            # Another run over the same data (a backtest's other cutoff) already ingested it.
+            from clvray.backtest import share_ingest
+
+            share_ingest(storage, ingest_from, run_dir)
         result = runner.run(until=until, only=only)
         out: dict = {
             "run_dir": run_dir,
