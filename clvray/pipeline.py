@@ -185,6 +185,7 @@ def run_pipeline(
     temporary file copied there (S3).
     """
     cfg, storage, run_dir, runner = open_run(cfg)
+    require_shared_storage(cfg)  # refused before anything is written (submitted job, cluster)
     local = "://" not in run_dir
     log_file = (
         join(run_dir, "logs", "ray.log")
