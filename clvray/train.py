@@ -29,10 +29,13 @@ import pandas as pd
 import pyarrow as pa
 
 from clvray.config import TrainSection
-from clvray.features import categorical_columns
+from clvray.features import FEATURES, categorical_columns
 from clvray.storage import Storage, join
 
 MODEL_FILES = {"value": "value.ubj", "churn": "churn.ubj", "quantiles": "quantiles.ubj"}
+MODEL_FORMAT = 1
+"""Version of what `models/<variant>/` holds and means (meta.json keys, booster files, feature
+definitions). `clvray.model_run` refuses a run saved with another format."""
 MAX_CATEGORIES = 64
 """Categories kept per categorical feature: its most frequent values among train customers
 (ties by value). Rarer values carry too few customers to split on and would make scoring
@@ -279,11 +282,30 @@ def train_models(
             results = json.load(f)
         storage.delete_dir(out)
         storage.upload_dir(ckpt, out)
-    meta = {"variant": variant, "features": features, "params": params, "results": results}
+    meta = {
+        "variant": variant,
+        "features": features,
+        "params": params,
+        "results": results,
+        # What a scorer checks before trusting these boosters (clvray.model_run).
+        "model_format": MODEL_FORMAT,
+        "clvray_version": clvray_version(),
+        "behavioural_features": list(FEATURES),
+    }
     if categories:
         meta["categories"] = categories
     storage.write_json(join(out, "meta.json"), meta)
     return TrainedModels(out, features, results)
+
+
+def clvray_version() -> str:
+    """The installed clvray's version ("unknown" when run from a source tree without metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clvray")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Boosters:
