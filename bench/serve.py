@@ -66,7 +66,9 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cores_available": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else None,
         "ram_gib": ram_gib,
         "gpu": gpu,
         "python": platform.python_version(),
@@ -80,7 +82,9 @@ def request_bodies(run_uri: str, n_customers: int, with_text: bool) -> list[dict
     from clvray.storage import join
 
     run = load_model_run(run_uri)
-    cutoff = pd.Timestamp(run.storage.read_json(join(run.uri, "features", "_SUCCESS.json"))["cutoff"])
+    cutoff = pd.Timestamp(
+        run.storage.read_json(join(run.uri, "features", "_SUCCESS.json"))["cutoff"]
+    )
     fs_path = run.storage.fs_path
     tx = pd.read_parquet(fs_path(join(run.uri, "ingest", "transactions")))
     rv = pd.read_parquet(fs_path(join(run.uri, "ingest", "reviews")))
@@ -282,7 +286,17 @@ def run_benchmark(
 
 def table(report: dict[str, Any]) -> str:
     df = pd.DataFrame(report["rows"])[
-        ["text", "path", "concurrency", "requests", "errors", "throughput_rps", "p50_ms", "p95_ms", "p99_ms"]
+        [
+            "text",
+            "path",
+            "concurrency",
+            "requests",
+            "errors",
+            "throughput_rps",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+        ]
     ]
     return df.to_markdown(index=False) if _has_tabulate() else df.to_string(index=False)
 
@@ -296,7 +310,9 @@ def _has_tabulate() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model-run", required=True)
     p.add_argument("--url", default=None, help="an app already running (default: start one)")
     p.add_argument("--duration-s", type=float, default=8.0, help="seconds per cell at most")

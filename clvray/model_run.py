@@ -131,9 +131,7 @@ class ModelRun:
 
         assert self.text is not None
         as_of = as_utc(as_of)
-        aggs = aggregate_customer_text(
-            reviews, as_of, self.cfg.text.embed.recency_half_life_days
-        )
+        aggs = aggregate_customer_text(reviews, as_of, self.cfg.text.embed.recency_half_life_days)
         out = reduce_features(aggs, self.text.reduction)
         if self.text.centroids is not None:
             from clvray.text.topics import nearest_topic, share_columns
@@ -170,9 +168,7 @@ class ModelRun:
         if self.text is not None:
             text_cols = [c for c in self.features if c.startswith(TEXT_PREFIXES)]
             if text is not None and len(text):
-                frame = frame.merge(
-                    text[["customer_id", *text_cols]], on="customer_id", how="left"
-                )
+                frame = frame.merge(text[["customer_id", *text_cols]], on="customer_id", how="left")
             else:
                 frame = frame.assign(**{c: np.nan for c in text_cols})
         return frame
@@ -358,9 +354,7 @@ def scoring_config(run: ModelRun, new: Config) -> Config:
     data = new.data
     if data.customer_attributes is None:
         data = data.model_copy(update={"customer_attributes": run.cfg.data.customer_attributes})
-    features = run.cfg.features.model_copy(
-        update={"num_partitions": new.features.num_partitions}
-    )
+    features = run.cfg.features.model_copy(update={"num_partitions": new.features.num_partitions})
     resources = {
         k: getattr(new.text.embed, k)
         for k in (

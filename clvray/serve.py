@@ -417,7 +417,9 @@ app = FastAPI(
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Never a stack trace to the client; the replica's log has it.
-    return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
+    return JSONResponse(
+        status_code=500, content={"detail": f"internal error: {type(exc).__name__}"}
+    )
 
 
 @serve.deployment

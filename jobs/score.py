@@ -22,7 +22,9 @@ from clvray.model_run import ModelRunError, score_snapshot
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model-run", required=True, help="training run directory or s3:// URI")
-    p.add_argument("--as-of", default=None, help="score as of this date/time (UTC); default: end of data")
+    p.add_argument(
+        "--as-of", default=None, help="score as of this date/time (UTC); default: end of data"
+    )
     p.add_argument("--config", default=None, help="YAML config: the snapshot, storage, resources")
     p.add_argument("--storage", default=None, help="where the scoring run goes (folder or s3://)")
     p.add_argument("--run-id", default=None, help="scoring run folder name")

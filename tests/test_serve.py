@@ -301,7 +301,11 @@ def test_serve_matches_batch_scores(serve_url, batch_scores):
         (lambda b: b["transactions"][0].update(amount="lots"), 422, "amount"),
         (lambda b: b["transactions"][0].update(ts="yesterday"), 422, "ts"),
         (lambda b: b["reviews"][0].update(rating=9), 422, "rating"),
-        (lambda b: b["transactions"][0].update(ts="2023-12-05T00:00:00Z"), 422, "transactions[0].ts"),
+        (
+            lambda b: b["transactions"][0].update(ts="2023-12-05T00:00:00Z"),
+            422,
+            "transactions[0].ts",
+        ),
         (lambda b: b["reviews"][0].update(ts="2024-02-01"), 422, "reviews[0].ts"),
         (lambda b: b.update(transactions=[]), 422, "transactions"),
         (lambda b: b.update(customer_id=" "), 422, "customer_id"),
@@ -367,7 +371,10 @@ def test_a_new_customer_without_reviews_scores_and_health_and_docs_answer(serve_
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
         assert {"/v1/score", "/v1/score:batch", "/healthz"} <= set(paths)
-        too_many = {"as_of": AS_OF, "customers": [{**body, "customer_id": str(i)} for i in range(9)]}
+        too_many = {
+            "as_of": AS_OF,
+            "customers": [{**body, "customer_id": str(i)} for i in range(9)],
+        }
         r = client.post("/v1/score:batch", json=too_many)
         assert r.status_code == 413 and "customers" in r.text
 
