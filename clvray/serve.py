@@ -510,21 +510,19 @@ def build_app(args: dict) -> Any:
     s = ServeSettings.model_validate(args)
     run = load_model_run(s.model_run, s.storage())
     settings = s.model_dump()
-    scorer = (
-        serve.deployment(CustomerScorer)
-        .options(name="CustomerScorer", **_options(s.scorer.num_cpus, s.scorer.autoscaling))
-        .bind(settings)
-    )
+    # serve.deployment(cls) returns a Deployment; its stubs type it as a decorator factory.
+    scorer_deployment: Any = serve.deployment(CustomerScorer)
+    scorer = scorer_deployment.options(
+        name="CustomerScorer", **_options(s.scorer.num_cpus, s.scorer.autoscaling)
+    ).bind(settings)
     embedder = None
     if run.text is not None:
         e = s.embedder
-        embedder = (
-            serve.deployment(ReviewEmbedder)
-            .options(
-                name="ReviewEmbedder", **_options(e.num_cpus, e.autoscaling, num_gpus=e.num_gpus)
-            )
-            .bind(settings)
-        )
-    return ScoreAPI.options(**_options(s.ingress_num_cpus, s.ingress_autoscaling)).bind(
+        embedder_deployment: Any = serve.deployment(ReviewEmbedder)
+        embedder = embedder_deployment.options(
+            name="ReviewEmbedder", **_options(e.num_cpus, e.autoscaling, num_gpus=e.num_gpus)
+        ).bind(settings)
+    ingress: Any = ScoreAPI
+    return ingress.options(**_options(s.ingress_num_cpus, s.ingress_autoscaling)).bind(
         settings, scorer, embedder
     )
