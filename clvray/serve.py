@@ -147,8 +147,12 @@ class Customer(_Strict):
 
 def _check_before(customer: Customer, as_of: dt.datetime, prefix: str) -> None:
     """Features use events strictly before `as_of`: anything else is a client error."""
-    for kind, events in (("transactions", customer.transactions), ("reviews", customer.reviews)):
-        for i, e in enumerate(events):
+    events: list[tuple[str, list[Transaction] | list[Review]]] = [
+        ("transactions", customer.transactions),
+        ("reviews", customer.reviews),
+    ]
+    for kind, rows in events:
+        for i, e in enumerate(rows):
             if e.ts >= as_of:
                 raise ValueError(
                     f"{prefix}{kind}[{i}].ts: {e.ts.isoformat()} is not before as_of "
@@ -280,8 +284,9 @@ class ReviewEmbedder:
     def __init__(self, settings: dict) -> None:
         s = ServeSettings.model_validate(settings)
         self.encoder = RunEncoder(load_model_run(s.model_run, s.storage()), s.embedder.num_gpus > 0)
-        self.embed.set_max_batch_size(s.embedder.max_batch_size)
-        self.embed.set_batch_wait_timeout_s(s.embedder.batch_wait_timeout_s)
+        batched: Any = self.embed  # @serve.batch adds these setters to the method
+        batched.set_max_batch_size(s.embedder.max_batch_size)
+        batched.set_batch_wait_timeout_s(s.embedder.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, float | None]]:

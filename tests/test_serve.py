@@ -8,8 +8,10 @@ The skew test scores the same customers through both paths and requires equal an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,8 +27,13 @@ SERVE_LIMITS = {"max_reviews": 40, "max_text_chars": 3000, "max_customers": 8}
 @pytest.fixture(scope="module")
 def trained_run(ray_local, tiny_encoder, tmp_path_factory):
     """(run directory, storage root) of one small text run: fine-tuned tiny BERT, topic shares
-    and BG/NBD columns as features."""
+    and BG/NBD columns as features. `CLVRAY_SERVE_TEST_RUN` names an existing run directory
+    built by this fixture to skip the training while iterating locally."""
     import jobs.pipeline as job
+
+    reuse = os.environ.get("CLVRAY_SERVE_TEST_RUN")
+    if reuse:
+        return Path(reuse), Path(reuse).parent
 
     storage = tmp_path_factory.mktemp("serve-runs")
     argv = [
@@ -266,7 +273,7 @@ def test_serve_matches_batch_scores(serve_url, batch_scores):
 
     summary = batch_scores[0]
     scores = pd.read_parquet(summary["scores"]).set_index("customer_id")
-    score_dir = __import__("pathlib").Path(summary["out"])
+    score_dir = Path(summary["out"])
     rv = pd.read_parquet(score_dir / "ingest" / "reviews")
     with_reviews = sorted(set(scores.index) & set(rv["customer_id"]))[:3]
     without = sorted(set(scores.index) - set(rv["customer_id"]))[:1]
