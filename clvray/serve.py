@@ -68,12 +68,12 @@ class EmbedderSettings(_Strict):
     """> 0 puts the encoder on a GPU (bf16 where supported, as in the batch job)."""
     max_batch_size: int = Field(32, gt=0)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    autoscaling: Autoscaling = Autoscaling()
 
 
 class ScorerSettings(_Strict):
     num_cpus: float = Field(1.0, ge=0)
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    autoscaling: Autoscaling = Autoscaling()
 
 
 class Limits(_Strict):
@@ -94,10 +94,10 @@ class ServeSettings(_Strict):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     ingress_num_cpus: float = Field(0.5, ge=0)
-    ingress_autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
-    scorer: ScorerSettings = Field(default_factory=ScorerSettings)
-    limits: Limits = Field(default_factory=Limits)
+    ingress_autoscaling: Autoscaling = Autoscaling()
+    embedder: EmbedderSettings = EmbedderSettings()
+    scorer: ScorerSettings = ScorerSettings()
+    limits: Limits = Limits()
 
     def storage(self) -> Storage:
         return Storage(self.s3_endpoint_url, self.s3_region)
@@ -153,9 +153,10 @@ def _check_before(customer: Customer, as_of: dt.datetime, prefix: str) -> None:
     ]
     for kind, rows in events:
         for i, e in enumerate(rows):
-            if e.ts >= as_of:
+            ts: dt.datetime = e.ts  # type: ignore[union-attr]
+            if ts >= as_of:
                 raise ValueError(
-                    f"{prefix}{kind}[{i}].ts: {e.ts.isoformat()} is not before as_of "
+                    f"{prefix}{kind}[{i}].ts: {ts.isoformat()} is not before as_of "
                     f"{as_of.isoformat()} (features use events strictly before as_of)"
                 )
     ids = [r.review_id for r in customer.reviews]
