@@ -22,8 +22,8 @@ application at start (`build_app` loads it before any deployment is created, and
 replica loads it again in its constructor).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI (through Serve's ingress) must see the
+# request models as classes, or it reads `request: ScoreRequest` as a query parameter.
 import asyncio
 import datetime as dt
 import math
@@ -56,7 +56,7 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(8, gt=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> Autoscaling:
+    def _bounds(self) -> "Autoscaling":
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
@@ -169,7 +169,7 @@ class ScoreRequest(Customer):
     """Score as of this time (UTC when no zone is given)."""
 
     @model_validator(mode="after")
-    def _events_before_as_of(self) -> ScoreRequest:
+    def _events_before_as_of(self) -> "ScoreRequest":
         _check_before(self, self.as_of, "")
         return self
 
@@ -179,7 +179,7 @@ class BatchRequest(_Strict):
     customers: list[Customer] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _events_before_as_of(self) -> BatchRequest:
+    def _events_before_as_of(self) -> "BatchRequest":
         ids = [c.customer_id for c in self.customers]
         if len(set(ids)) != len(ids):
             raise ValueError("customers: customer_id values must be unique")
