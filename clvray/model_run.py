@@ -185,6 +185,8 @@ class ModelRun:
         in the order of the customers' ids; a customer without an order before `as_of` is
         absent from both (as in the batch job)."""
         frame = self.behaviour_frame(transactions, reviews, as_of)
+        if frame.empty:  # nobody with an order before as_of: nothing to score
+            return pd.DataFrame({"customer_id": pd.Series([], dtype=object)}), frame
         text = None
         if self.text is not None and reviews is not None and len(reviews):
             text = self.text_frame(reviews, as_of)

@@ -380,7 +380,10 @@ def test_a_new_customer_without_reviews_scores_and_health_and_docs_answer(serve_
         assert {"/v1/score", "/v1/score:batch", "/healthz"} <= set(paths)
         too_many = {
             "as_of": AS_OF,
-            "customers": [{**body, "customer_id": str(i)} for i in range(9)],
+            "customers": [
+                {**{k: v for k, v in body.items() if k != "as_of"}, "customer_id": str(i)}
+                for i in range(9)
+            ],
         }
         r = client.post("/v1/score:batch", json=too_many)
         assert r.status_code == 413 and "customers" in r.text
