@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from clvray.config import TrainSection
-from clvray.features import categorical_columns
+from clvray.features import FEATURES, categorical_columns
 from clvray.storage import Storage, join
 
 MODEL_FILES = {
@@ -53,6 +53,9 @@ BLEND_FLOOR = 1e-6
 MIN_CONFORMAL_GROUP = 50
 """Fewest valid customers per conformal group: the offset of a group is its
 ceil((n+1)*0.8)-th score, too noisy below this."""
+MODEL_FORMAT = 1
+"""Version of what `models/<variant>/` holds and means (meta.json keys, booster files, feature
+definitions). `clvray.model_run` refuses a run saved with another format."""
 MAX_CATEGORIES = 64
 """Categories kept per categorical feature: its most frequent values among train customers
 (ties by value). Rarer values carry too few customers to split on and would make scoring
@@ -475,6 +478,10 @@ def train_models(
         "params": params,
         "results": results,
         "candidates": candidates,
+        # What a scorer checks before trusting these boosters (clvray.model_run).
+        "model_format": MODEL_FORMAT,
+        "clvray_version": clvray_version(),
+        "behavioural_features": list(FEATURES),
     }
     if categories:
         meta["categories"] = categories
@@ -493,6 +500,16 @@ def train_models(
         )
     storage.write_json(join(out, "meta.json"), meta)
     return TrainedModels(out, features, results)
+
+
+def clvray_version() -> str:
+    """The installed clvray's version ("unknown" when run from a source tree without metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clvray")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Boosters:
