@@ -331,6 +331,8 @@ COLUMNS = [
     "polars_peak_gib",
     "ratio",
     "same_values",
+    "cluster_total_s",
+    "cluster_same_values",
 ]
 
 
@@ -365,7 +367,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sizes = [20_000] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
     rows = [
         bench_size(
-            n, Path(args.data_root), Path(args.work), args.num_cpus, Path(args.keep_features)
+            n,
+            Path(args.data_root),
+            Path(args.work),
+            args.num_cpus,
+            Path(args.keep_features),
+            args.cluster,
         )
         for n in sizes
     ]

@@ -6,9 +6,9 @@ it before anything is scored:
 | what | from |
 |---|---|
 | resolved training config (contract, horizon, text settings) | `config.yaml` |
-| primary variant | `scores/_SUCCESS.json` |
+| primary variant (a finished run) | `evaluate/metrics.json` (`primary_model`) |
 | boosters, feature order, category vocabularies, format and clvray version | `models/<variant>/` (`meta.json`, `*.ubj`) |
-| value segment edges | `models/<variant>/segments.json` |
+| value segment edges | `scores/<variant>/_segments.json` |
 | BG/NBD + Gamma-Gamma parameters (when the GBMs use them) | `btyd/btyd.json` |
 | encoder with its head, reduction, topic centroids (text variants) | `text/finetune/.../model/`, `text/<variant>/features/reduction.*`, `text/topics/centroids.npz` |
 
@@ -46,7 +46,8 @@ from clvray.features import (
     customer_features,
     to_events,
 )
-from clvray.score import Scorer
+from clvray.graph import MARKERS
+from clvray.score import SEGMENTS_FILE, Scorer
 from clvray.storage import Storage, join
 from clvray.train import MODEL_FILES, MODEL_FORMAT
 
@@ -265,7 +266,7 @@ def _load_text(
     from clvray.text.features import REDUCTION_JSON, REDUCTION_NPZ, load_reduction
 
     if variant == TEXT_FINETUNED:
-        marker = join(run_uri, "text", "finetune", "_SUCCESS.json")
+        marker = join(run_uri, MARKERS, "text", "finetune.json")
         saved = _read_json(storage, marker, "the fine-tuned encoder's location")["model_uri"]
         # Located relative to the run directory, so a run copied elsewhere (to S3) still loads.
         encoder = join(run_uri, "text", "finetune", saved.split("/text/finetune/", 1)[-1])
@@ -303,18 +304,20 @@ def load_model_run(uri: str, storage: Storage | None = None) -> ModelRun:
     if not storage.exists(uri):
         raise ModelRunError(f"model run: {uri} does not exist")
     cfg = _load_config(storage, uri)
-    variant = _read_json(storage, join(uri, "scores", "_SUCCESS.json"), "the finished run's marker")
-    variant_name = variant.get("model")
+    metrics_uri = join(uri, "evaluate", "metrics.json")
+    variant_name = _read_json(storage, metrics_uri, "the finished run's metrics").get(
+        "primary_model"
+    )
     if not variant_name:
-        raise ModelRunError(f"model run: {join(uri, 'scores', '_SUCCESS.json')} names no model")
+        raise ModelRunError(f"model run: {metrics_uri} names no primary model")
     model_uri = join(uri, "models", variant_name)
     meta_uri = join(model_uri, "meta.json")
     meta = _read_json(storage, meta_uri, "the boosters' feature order and params")
     _check_meta(meta, meta_uri)
-    for filename in MODEL_FILES.values():
-        _require(storage, join(model_uri, filename), "a booster")
-    segments_uri = join(model_uri, "segments.json")
-    _read_json(storage, segments_uri, "the value segment edges")
+    for name in meta.get("results", {}):
+        _require(storage, join(model_uri, MODEL_FILES[name]), "a booster")
+    segments_uri = join(uri, "scores", variant_name, SEGMENTS_FILE)
+    edges = list(_read_json(storage, segments_uri, "the value segment edges")["edges"])
     features: list[str] = meta["features"]
 
     text = None
@@ -331,7 +334,7 @@ def load_model_run(uri: str, storage: Storage | None = None) -> ModelRun:
         params = join(uri, "btyd", btyd.PARAMS_FILE)
         _require(storage, params, "the BG/NBD + Gamma-Gamma parameters")
         btyd_fit = btyd.load(storage, join(uri, "btyd"))
-    scorer = Scorer(model_uri, storage, cfg.score.top_contributions)
+    scorer = Scorer(model_uri, storage, cfg.score.top_contributions, edges=edges)
     return ModelRun(
         uri=uri,
         run_id=uri.rsplit("/", 1)[-1],
@@ -482,6 +485,7 @@ def score_snapshot(
             "model_uri": run.model_uri,
             "storage": storage,
             "top_k": cfg.score.top_contributions,
+            "edges": run.scorer.edges,
         },
         batch_size=cfg.score.batch_size,
         batch_format="pandas",

@@ -153,7 +153,7 @@ def _check_before(customer: Customer, as_of: dt.datetime, prefix: str) -> None:
     ]
     for kind, rows in events:
         for i, e in enumerate(rows):
-            ts: dt.datetime = e.ts  # type: ignore[union-attr]
+            ts: dt.datetime = e.ts  # type: ignore[union-attr,attr-defined]
             if ts >= as_of:
                 raise ValueError(
                     f"{prefix}{kind}[{i}].ts: {ts.isoformat()} is not before as_of "

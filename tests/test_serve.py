@@ -179,10 +179,10 @@ def test_loader_holds_every_fitted_thing(trained_run):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: (d / "models/gbm_text_finetuned/segments.json").unlink(), "segments.json"),
+        (lambda d: (d / "scores/gbm_text_finetuned/_segments.json").unlink(), "_segments.json"),
         (lambda d: (d / "btyd/btyd.json").unlink(), "btyd.json"),
         (lambda d: (d / "text/topics/centroids.npz").unlink(), "centroids.npz"),
-        (lambda d: (d / "scores/_SUCCESS.json").unlink(), r"scores/_SUCCESS.json"),
+        (lambda d: (d / "evaluate/metrics.json").unlink(), r"evaluate/metrics.json"),
         (lambda d: _edit_meta(d, model_format=0), "meta.json has model_format 0"),
         (
             lambda d: _edit_meta(d, behavioural_features=["frequency"]),
@@ -261,7 +261,7 @@ def test_score_job_refuses_a_broken_run_naming_the_file(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("run:\n  seed: 0\n")
     assert job.main(["--model-run", str(tmp_path / "run")]) == 2
-    assert "scores/_SUCCESS.json is missing" in capsys.readouterr().err
+    assert "evaluate/metrics.json is missing" in capsys.readouterr().err
 
 
 # --- serving -------------------------------------------------------------------------------------
