@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -50,15 +49,11 @@ def _fmt(v) -> str:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench.common import describe, machine
+
+    return describe(machine())
 
 
 def run_dataset(name: str, storage: str, extra: list[str]) -> dict:

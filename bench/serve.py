@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import statistics
 import sys
@@ -38,41 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 DEFAULT_OUT = REPO / "bench" / "results" / "serve.json"
 
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else None,
-        "ram_gib": ram_gib,
-        "gpu": gpu,
-        "python": platform.python_version(),
-    }
+from bench.common import machine  # noqa: E402  (one machine description for every benchmark)
 
 
 def request_bodies(run_uri: str, n_customers: int, with_text: bool) -> list[dict]:
