@@ -189,9 +189,12 @@ def _mlflow_key(key: str) -> str:
 
 
 def config_params(cfg) -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys, JSON-encoded values."""
+    """The resolved config as MLflow params: dotted keys, JSON-encoded values, with the same
+    redaction as the run's config.yaml (credentials in URLs and query strings)."""
+    from clvray.config import redact
+
     out = {}
-    for key, value in _flatten(cfg.model_dump(mode="json")):
+    for key, value in _flatten(redact(cfg.model_dump(mode="json"))):
         text = value if isinstance(value, str) else json.dumps(value)
         out[_mlflow_key(key)] = text[:_MLFLOW_MAX_PARAM_VALUE]
     return out

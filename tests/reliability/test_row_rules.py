@@ -317,3 +317,19 @@ def test_config_written_with_url_credentials_redacted():
     text = cfg.to_yaml()
     assert "planted-secret" not in text
     assert "https://***@mlflow.example.com/x" in text and "token=***&part=1" in text
+
+
+def test_mlflow_params_carry_no_credentials():
+    from clvray.config import load_config
+    from clvray.observability import config_params
+
+    cfg = load_config(
+        None,
+        [
+            "tracking.mlflow_uri=https://alice:planted-secret-1@mlflow.example.com/x",
+            "data.transactions=s3://bucket/tx?token=planted-secret-2&part=1",
+        ],
+    )
+    params = config_params(cfg)
+    assert not any("planted-secret" in v for v in params.values())
+    assert params["tracking.mlflow_uri"] == "https://***@mlflow.example.com/x"
