@@ -42,13 +42,12 @@ from bench.common import machine  # noqa: E402  (one machine description for eve
 def request_bodies(run_uri: str, n_customers: int, with_text: bool) -> list[dict]:
     """`POST /v1/score` bodies for up to `n_customers` of the run's customers with reviews,
     their history before the run's cutoff (the as-of)."""
+    from clvray.graph import MARKERS
     from clvray.model_run import load_model_run
     from clvray.storage import join
 
     run = load_model_run(run_uri)
-    cutoff = pd.Timestamp(
-        run.storage.read_json(join(run.uri, "features", "_SUCCESS.json"))["cutoff"]
-    )
+    cutoff = pd.Timestamp(run.storage.read_json(join(run.uri, MARKERS, "features.json"))["cutoff"])
     fs_path = run.storage.fs_path
     tx = pd.read_parquet(fs_path(join(run.uri, "ingest", "transactions")))
     rv = pd.read_parquet(fs_path(join(run.uri, "ingest", "reviews")))

@@ -169,11 +169,12 @@ def test_a_cutoff_before_the_data_fails_naming_the_range(ray_local, tmp_path, ca
 
     argv = _argv(tmp_path, "--run-id", "early", "--set", "text.enabled=false",
                  "--set", "features.cutoff=2021-01-01", "--until", "features")  # fmt: skip
-    for _ in range(2):  # an empty stage is never marked done: the re-run fails the same way
-        assert job.main(argv) == 1
+    for _ in range(2):  # nothing is marked done: the re-run fails the same way
+        # The time protocol is checked as the features stage starts, before any work.
+        assert job.main(argv) == 2
         err = capsys.readouterr().err
-        assert "no customer has a purchase before the cutoff 2021-01-01" in err
-        assert "the data runs from 2022-01-" in err
+        assert "features.cutoff 2021-01-01 must lie after the start of the data" in err
+        assert "the accepted transactions run from 2022-01-" in err
     assert not (tmp_path / "early" / "features").exists()
     assert not (tmp_path / "early" / "_stages" / "features.json").exists()
 
