@@ -17,42 +17,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, RESULTS, describe, table  # noqa: E402
+from bench.embed import COLUMNS as EMBED_COLUMNS  # noqa: E402
+from bench.ingest_features import COLUMNS as INGEST_COLUMNS  # noqa: E402
 
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 SECTIONS = {
     "ingest_features": (
         "Ingest + features: clvray vs polars in one process (same parquet, same values)",
-        [
-            "transactions",
-            "customers",
-            "clvray_ingest_s",
-            "clvray_features_s",
-            "clvray_rows_per_s",
-            "clvray_peak_gib",
-            "clvray_spilled_mib",
-            "polars_total_s",
-            "polars_peak_gib",
-            "ratio",
-            "same_values",
-        ],
+        INGEST_COLUMNS,
         "`ratio` = clvray seconds / polars seconds (ingest + features). Peak memory is summed "
         "over each side's process and all its descendants (Ray's processes included).",
     ),
     "embed": (
         "Embedding: (a) clvray's embed stage, (b) a careful single-process loop, (c) one at a time",
-        [
-            "data",
-            "reviews",
-            "a_clvray_per_s",
-            "b_loop_per_s",
-            "c_single_per_s",
-            "a_over_b",
-            "a_over_c",
-            "a_startup_s",
-            "b_startup_s",
-            "max_abs_diff",
-        ],
+        EMBED_COLUMNS,
         "Reviews per second of the pass itself; start-up (Ray / model load) separately. "
         "`max_abs_diff`: largest difference between (a)'s and (b)'s embeddings.",
     ),
