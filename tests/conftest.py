@@ -35,7 +35,7 @@ for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
 # `fixturenames` is the whole closure). The `cluster` marker means a test starts Ray processes.
 RAY_FIXTURES = frozenset({"ray_local", "ray_head"})
 # Fixtures that run the job (jobs/pipeline.py or run_pipeline) from input files to a report.
-E2E_FIXTURES = frozenset({"pipeline_run", "s3_run", "ray_head"})
+E2E_FIXTURES = frozenset({"text_run", "pipeline_run", "trained_run", "s3_run", "ray_head"})
 
 
 def tier_markers(fixturenames, marker_names) -> set[str]:
@@ -118,3 +118,47 @@ def tiny_encoder(tmp_path_factory) -> str:
     from clvray.text.encoder import build_tiny_encoder
 
     return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"), vocabulary())
+
+
+# One end-to-end text run for the whole session: tests/test_pipeline.py asserts on what the job
+# wrote, tests/test_serve.py loads it as a trained model. A full run costs minutes on 2 cores,
+# so it is built once; a test that changes the run must put it back as it found it.
+TEXT_RUN_CUSTOMERS = 300
+
+
+def text_run_argv(storage, tiny_encoder: str, *extra: str) -> list[str]:
+    return [
+        "--config", "configs/demo.yaml",
+        "--storage", str(storage),
+        "--run-id", "e2e",
+        "--set", f"data.synthetic.n_customers={TEXT_RUN_CUSTOMERS}",
+        "--set", "data.synthetic.customers_per_task=150",
+        "--set", "features.num_partitions=2",
+        "--set", "train.num_boost_round=40",
+        "--set", f"text.model={tiny_encoder}",
+        "--set", "text.finetune.max_reviews=200",
+        "--set", "text.finetune.cpus_per_worker=0.5",
+        "--set", "text.num_partitions=2",
+        "--set", "text.topics.n_topics=3",
+        "--set", "text.topics.as_features=true",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def text_run(ray_local, tiny_encoder, tmp_path_factory):
+    """(run directory, storage root, argv) of one small text run through jobs/pipeline.py:
+    fine-tuned tiny BERT, embeddings of both encoders, topic shares and BG/NBD columns as
+    features, three models (the ablation), scores, evaluation and report.
+    `CLVRAY_TEXT_RUN` names an existing run directory built by this fixture (with the same
+    tiny encoder path) to skip the run while iterating locally."""
+    import jobs.pipeline as job
+
+    reuse = os.environ.get("CLVRAY_TEXT_RUN")
+    if reuse:
+        storage = Path(reuse).parent
+        return Path(reuse), storage, text_run_argv(storage, tiny_encoder)
+    storage = tmp_path_factory.mktemp("text-run")
+    argv = text_run_argv(storage, tiny_encoder)
+    assert job.main(argv) == 0
+    return storage / "e2e", storage, argv

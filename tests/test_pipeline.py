@@ -11,7 +11,7 @@ from clvray.features import split_of
 
 pytestmark = pytest.mark.slow
 
-N_CUSTOMERS = 500
+N_CUSTOMERS = 300
 
 
 def _argv(storage, *extra):
@@ -23,34 +23,18 @@ def _argv(storage, *extra):
         "--set",
         f"data.synthetic.n_customers={N_CUSTOMERS}",
         "--set",
-        "data.synthetic.customers_per_task=250",
-        "--set",
         "features.num_partitions=2",
-        "--set",
-        "train.num_boost_round=60",
         *extra,
     ]
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(ray_local, tiny_encoder, tmp_path_factory):
-    """The whole job, text path included: fine-tune (tiny BERT), embed, topics as features.
-    (Behavioural-only runs are exercised by tests/test_s3.py and tests/test_job_submit.py.)"""
-    import jobs.pipeline as job
-
-    storage = tmp_path_factory.mktemp("runs")
-    argv = _argv(
-        storage,
-        "--run-id", "e2e",
-        "--set", f"text.model={tiny_encoder}",
-        "--set", "text.finetune.max_reviews=300",
-        "--set", "text.finetune.cpus_per_worker=0.5",
-        "--set", "text.num_partitions=2",
-        "--set", "text.topics.n_topics=4",
-        "--set", "text.topics.as_features=true",
-    )  # fmt: skip
-    assert job.main(argv) == 0
-    return storage / "e2e", argv
+def pipeline_run(text_run):
+    """The whole job, text path included: fine-tune (tiny BERT), embed, topics as features
+    (the session's shared run, tests/conftest.py; behavioural-only runs are exercised by
+    tests/test_s3.py and tests/test_job_submit.py)."""
+    run_dir, _, argv = text_run
+    return run_dir, argv
 
 
 def test_metrics_json_holds_every_model_and_the_counts(pipeline_run):
@@ -140,15 +124,22 @@ def test_a_changed_score_key_reruns_score_evaluate_and_report_only(pipeline_run)
     run_dir, argv = pipeline_run
     assert job.main([*argv, "--set", "score.top_contributions=1"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["ran_stages"]) == {
+    rerun = {
         "score/gbm_behavioural",
         "score/gbm_text_pretrained",
         "score/gbm_text_finetuned",
         "evaluate",
         "report",
     }
+    assert set(metrics["ran_stages"]) == rerun
     scores = pd.read_parquet(run_dir / "scores" / "gbm_text_finetuned")
     assert "top_feature_1" in scores and "top_feature_2" not in scores
+    # Changing it back re-runs the same stages and restores the shared run (tests/test_serve.py
+    # serves it with its configured three top features).
+    assert job.main(argv) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["ran_stages"]) == rerun
+    assert "top_feature_3" in pd.read_parquet(run_dir / "scores" / "gbm_text_finetuned")
 
 
 def test_plan_prints_the_graph_and_what_would_run(pipeline_run, capsys):
