@@ -210,6 +210,14 @@ class EmbedSection(_Strict):
     the node's CPUs shared among the actors (Ray would otherwise set one thread per CPU held,
     and the feeder's CPU would idle while the model runs)."""
     dtype: Literal["float16", "float32"] = "float32"
+    fixed_shapes: bool = True
+    """Encoder calls of one shape per length bucket: `micro_batch` rows (padded with blank
+    rows) by the review's token count rounded up to `length_bucket`. A review's embedding then
+    does not depend on which reviews share its batch (that changes with Ray's block layout):
+    same reviews, bitwise the same embeddings and scores, in the batch job and in Serve. False:
+    one call per batch padded to its longest review, embeddings that vary by ~1e-6 run to run."""
+    micro_batch: int = Field(16, gt=0)
+    length_bucket: int = Field(16, gt=0)
     reduce: Literal["none", "pca", "random"] = "pca"
     reduce_dim: int = Field(4, gt=0)
     """Dimensions kept of each mean embedding. With ~1,300 train customers 4 beat 8 and 16

@@ -232,7 +232,7 @@ class RunEncoder:
     (embedding, score) per text, in order."""
 
     def __init__(self, run: ModelRun, use_gpu: bool = False) -> None:
-        from clvray.text.embed import ReviewEncoder
+        from clvray.text.embed import ReviewEncoder, fixed_shapes
         from clvray.text.source import resolve_cached
 
         if run.text is None:
@@ -240,7 +240,11 @@ class RunEncoder:
         self.model_path = resolve_cached(run.text.encoder, run.storage)
         self.max_length_tokens = run.cfg.text.max_length_tokens
         self.encoder = ReviewEncoder(
-            self.model_path, run.storage, use_gpu=use_gpu, dtype=run.cfg.text.embed.dtype
+            self.model_path,
+            run.storage,
+            use_gpu=use_gpu,
+            dtype=run.cfg.text.embed.dtype,
+            fixed_shapes=fixed_shapes(run.cfg.text.embed),  # the batch job's shapes: same values
         )
 
     def embed(self, texts: list[str]) -> list[tuple[np.ndarray, float | None]]:

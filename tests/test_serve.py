@@ -8,7 +8,6 @@ The skew test scores the same customers through both paths and requires equal an
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -19,40 +18,16 @@ import pytest
 
 pytestmark = [pytest.mark.slow]
 
-N_CUSTOMERS = 300
 AS_OF = "2023-12-01"
 SERVE_LIMITS = {"max_reviews": 40, "max_text_chars": 3000, "max_customers": 8}
 
 
 @pytest.fixture(scope="module")
-def trained_run(ray_local, tiny_encoder, tmp_path_factory):
-    """(run directory, storage root) of one small text run: fine-tuned tiny BERT, topic shares
-    and BG/NBD columns as features. `CLVRAY_SERVE_TEST_RUN` names an existing run directory
-    built by this fixture to skip the training while iterating locally."""
-    import jobs.pipeline as job
-
-    reuse = os.environ.get("CLVRAY_SERVE_TEST_RUN")
-    if reuse:
-        return Path(reuse), Path(reuse).parent
-
-    storage = tmp_path_factory.mktemp("serve-runs")
-    argv = [
-        "--config", "configs/demo.yaml",
-        "--storage", str(storage),
-        "--run-id", "serve-train",
-        "--set", f"data.synthetic.n_customers={N_CUSTOMERS}",
-        "--set", "data.synthetic.customers_per_task=300",
-        "--set", "features.num_partitions=2",
-        "--set", "train.num_boost_round=40",
-        "--set", f"text.model={tiny_encoder}",
-        "--set", "text.finetune.max_reviews=200",
-        "--set", "text.finetune.cpus_per_worker=0.5",
-        "--set", "text.num_partitions=2",
-        "--set", "text.topics.n_topics=3",
-        "--set", "text.topics.as_features=true",
-    ]  # fmt: skip
-    assert job.main(argv) == 0
-    return storage / "serve-train", storage
+def trained_run(text_run):
+    """(run directory, storage root) of the session's small text run (tests/conftest.py):
+    fine-tuned tiny BERT, topic shares and BG/NBD columns as features."""
+    run_dir, storage, _ = text_run
+    return run_dir, storage
 
 
 @pytest.fixture(scope="module")
@@ -248,11 +223,6 @@ def test_score_job_writes_training_columns_plus_provenance(trained_run, batch_sc
     assert not np.allclose(both["future_value_pred"], both["future_value_pred_train"])
 
 
-@pytest.mark.xfail(
-    reason="known: review embeddings differ by ~1e-7 with batch composition (padding length, "
-    "GEMM shape), which can flip one XGBoost split; see the issue 10 note",
-    strict=False,
-)
 def test_second_scoring_with_another_seed_is_identical(batch_scores):
     first, second = (
         pd.read_parquet(s["scores"]).sort_values("customer_id").reset_index(drop=True)

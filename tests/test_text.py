@@ -635,3 +635,68 @@ def test_text_features_end_to_end(ray_local, text_data, tmp_path):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_a_reviews_embedding_does_not_depend_on_its_batch():
+    """Ray's block layout decides which reviews share an encoder call; with fixed call shapes
+    (the default) each review's embedding and score are bitwise those of the review alone."""
+    import datetime as dt
+
+    from clvray.text.embed import ReviewEncoder
+
+    path = resolve_model_path("packaged:all-MiniLM-L6-v2")
+    rng = np.random.default_rng(0)
+    words = [
+        "great",
+        "guitar",
+        "cable",
+        "broke",
+        "amp",
+        "loud",
+        "sound",
+        "cheap",
+        "strings",
+        "love",
+        "return",
+        "tuner",
+    ]
+    n = 40
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 40))) for _ in range(n)]
+    ts = dt.datetime(2023, 1, 1, tzinfo=dt.UTC)
+    table = tokenize_table(
+        pa.table(
+            {
+                "customer_id": [f"c{i}" for i in range(n)],
+                "review_id": [f"r{i}" for i in range(n)],
+                "ts": [ts] * n,
+                "text": texts,
+            }
+        ),
+        path,
+        64,
+    )
+    encoder = ReviewEncoder(path, fixed_shapes=(8, 16))
+
+    def embed(parts) -> dict[str, np.ndarray]:
+        out = {}
+        for part in parts:
+            t = encoder(part)
+            emb = np.asarray(t["embedding"].combine_chunks().flatten()).reshape(len(t), -1)
+            out.update(zip(t["review_id"].to_pylist(), emb, strict=True))
+        return out
+
+    whole = embed([table])
+    shuffled = table.take(rng.permutation(n))
+    pieces = embed([shuffled.slice(0, 7), shuffled.slice(7, 20), shuffled.slice(27)])
+    alone = embed([table.slice(i, 1) for i in (0, 13, n - 1)])
+    assert set(whole) == set(pieces) == {f"r{i}" for i in range(n)}
+    for key in whole:
+        assert np.array_equal(whole[key], pieces[key]), key
+    for key, value in alone.items():
+        assert np.array_equal(whole[key], value), key
+    # the same model as one padded call, up to float rounding
+    plain = ReviewEncoder(path, fixed_shapes=None)
+    t = plain(table)
+    ref = np.asarray(t["embedding"].combine_chunks().flatten()).reshape(n, -1)
+    for key, row in zip(t["review_id"].to_pylist(), ref, strict=True):
+        np.testing.assert_allclose(whole[key], row, atol=1e-5)

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import torch
 
 from clvray import observability
-from clvray.config import TextSection
+from clvray.config import EmbedSection, TextSection
 from clvray.contract import TS, as_utc
 from clvray.resources import Cluster, embed_actors, embed_threads
 from clvray.storage import Storage
@@ -59,7 +59,10 @@ class ReviewEncoder:
         dtype: str = "float32",
         loader: Callable[[str], LoadedTextModel] = load_text_model,
         torch_threads: int | None = None,
+        fixed_shapes: tuple[int, int] | None = (16, 16),
     ) -> None:
+        """`fixed_shapes`: (rows, length bucket) of every encoder call (`EmbedSection.
+        fixed_shapes`), or None for one call per batch padded to its longest review."""
         if torch_threads:
             # Ray gives an actor one OpenMP thread per CPU it holds; the stage decides instead.
             torch.set_num_threads(torch_threads)
@@ -74,24 +77,77 @@ class ReviewEncoder:
         self.loaded.model.eval()
         self.pad_id = int(getattr(self.loaded.tokenizer, "pad_token_id", None) or 0)
         self.out_type = pa.float16() if dtype == "float16" else pa.float32()
+        self.fixed_shapes = fixed_shapes
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids, mask = pad_batch(batch["input_ids"], self.pad_id)
+    def _encode(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
-            pooled, raw = self.loaded.model(ids.to(self.device), mask.to(self.device))
+            pooled, raw = self.loaded.model(
+                torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+            )
             score = (
                 self.loaded.head.to_score(raw.float())
                 if raw is not None and self.loaded.head
                 else None
             )
-        emb = pooled.float().cpu().numpy()
+        return pooled.float().cpu().numpy(), None if score is None else score.cpu().numpy()
+
+    def _encode_fixed(self, sequences: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every call has shape (rows, bucket): a row's result depends on its tokens alone (a
+        GEMM's rounding changes with its shape, not with the other rows' values)."""
+        rows, bucket = self.fixed_shapes  # type: ignore[misc]
+        offsets = sequences.offsets.to_numpy()
+        values = sequences.values.to_numpy(zero_copy_only=False)
+        lengths = np.diff(offsets)
+        width = np.maximum(-(-lengths // bucket) * bucket, bucket)
+        order = np.lexsort((np.arange(len(lengths)), width))
+        pooled: np.ndarray | None = None
+        scores: np.ndarray | None = None
+        for w in np.unique(width):
+            group = order[width[order] == w]
+            for start in range(0, len(group), rows):
+                chunk = group[start : start + rows]
+                n = len(chunk)
+                mask = np.zeros((rows, w), dtype=np.int64)
+                mask[:n] = np.arange(w)[None, :] < lengths[chunk][:, None]
+                mask[n:, 0] = 1  # blank rows attend to one pad token (no empty mean)
+                ids = np.full((rows, w), self.pad_id, dtype=np.int64)
+                # the rows' tokens in order: offsets of each row plus a running position
+                starts = np.repeat(offsets[chunk], lengths[chunk])
+                within = np.arange(starts.size) - np.repeat(
+                    np.cumsum(lengths[chunk]) - lengths[chunk], lengths[chunk]
+                )
+                ids[:n][mask[:n].astype(bool)] = values[starts + within]
+                emb, score = self._encode(ids, mask)
+                if pooled is None:
+                    pooled = np.empty((len(lengths), emb.shape[1]), dtype=np.float32)
+                pooled[chunk] = emb[:n]
+                if score is not None:
+                    if scores is None:
+                        scores = np.empty(len(lengths), dtype=np.float32)
+                    scores[chunk] = score[:n]
+        if pooled is None:  # an empty batch
+            hidden = int(self.loaded.model.encoder.config.hidden_size)
+            pooled = np.empty((0, hidden), dtype=np.float32)
+            if self.loaded.head is not None:
+                scores = np.empty(0, dtype=np.float32)
+        return pooled, scores
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.fixed_shapes:
+            sequences = batch["input_ids"]
+            if isinstance(sequences, pa.ChunkedArray):
+                sequences = sequences.combine_chunks()
+            emb, score = self._encode_fixed(sequences)
+        else:
+            ids, mask = pad_batch(batch["input_ids"], self.pad_id)
+            emb, score = self._encode(ids.numpy(), mask.numpy())
         observability.record_reviews_embedded(len(emb), fine_tuned=self.loaded.head is not None)
         hidden = emb.shape[1]
         values = pa.array(
             emb.reshape(-1).astype(self.out_type.to_pandas_dtype()), type=self.out_type
         )
         if score is not None:
-            scores = pa.array(score.cpu().numpy().astype(np.float32), type=pa.float32())
+            scores = pa.array(score.astype(np.float32), type=pa.float32())
         else:
             scores = pa.nulls(len(emb), type=pa.float32())  # no head: nothing to predict
         return pa.table(
@@ -103,6 +159,10 @@ class ReviewEncoder:
                 "score": scores,
             }
         )
+
+
+def fixed_shapes(emb: EmbedSection) -> tuple[int, int] | None:
+    return (emb.micro_batch, emb.length_bucket) if emb.fixed_shapes else None
 
 
 def embed_reviews(
@@ -153,6 +213,7 @@ def embed_reviews(
             "dtype": emb.dtype,
             "loader": loader or load_text_model,
             "torch_threads": embed_threads(emb, cluster),
+            "fixed_shapes": fixed_shapes(emb),
         },
         compute=ray.data.ActorPoolStrategy(
             min_size=emb.min_actors, max_size=embed_actors(emb, cluster)
