@@ -249,7 +249,7 @@ def summarize_segments(scores) -> pd.DataFrame:
     from ray.data.aggregate import Count, Mean, Sum
 
     agg = (
-        scores.groupby("value_segment")
+        scores.groupby("value_segment", num_partitions=1)  # n_segments keys
         .aggregate(
             Count(alias_name="customers"),
             Sum("future_value_pred", alias_name="value"),
