@@ -325,7 +325,14 @@ def variants_of(cfg, has_reviews: bool) -> list[str]:
     return out
 
 
-EMBED_KEYS = ("text.max_length_tokens", "text.embed.dtype")
+EMBED_KEYS = (
+    "text.max_length_tokens",
+    "text.embed.dtype",
+    # the call shapes decide the embeddings' last bits (clvray.text.embed)
+    "text.embed.fixed_shapes",
+    "text.embed.micro_batch",
+    "text.embed.length_bucket",
+)
 TEXT_FEATURE_KEYS = (
     "text.num_partitions",
     "text.embed.reduce",
