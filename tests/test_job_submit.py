@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 
@@ -101,7 +102,9 @@ def ray_head():
         assert not _head_processes(temp_dir, gcs_address), "a head process was missed"
 
 
-def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
+def test_job_submit_succeeds_and_writes_its_stages(ray_head, tmp_path):
+    """The submission path (working dir, runtime env, token auth, output streamed back, files on
+    storage both sides see) on a slice of the graph; whole runs are tests/test_pipeline.py's."""
     address, env = ray_head
     ray = str(Path(sys.executable).parent / "ray")
     submit = [
@@ -113,7 +116,7 @@ def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
         # One machine: the head and the test share tmp_path (on a real cluster: s3://).
         "--set", "ray.shared_local_storage=true",
         "--set", "text.enabled=false", "--set", "data.synthetic.n_customers=300",
-        "--set", "features.num_partitions=2", "--set", "train.num_boost_round=30",
+        "--set", "features.num_partitions=2", "--until", "features",
     ]  # fmt: skip
     # `ray start` returns before the head's job agent is up; the job API says so with a 500
     # ("No available agent"), in which case no job was created and submitting again is safe.
@@ -132,8 +135,12 @@ def test_job_submit_succeeds_and_writes_metrics(ray_head, tmp_path):
         timeout=60,
     )
     assert re.search(r"Job 'clvray-test' succeeded", re.sub(r"\x1b\[[0-9;]*m", "", status.stdout))
-    metrics = json.loads((tmp_path / "submitted" / "metrics.json").read_text())
-    assert metrics["models"]["gbm_behavioural"]["value"]["n"] > 0
+    run_dir = tmp_path / "submitted"
+    for stage in ("ingest", "features"):
+        assert json.loads((run_dir / "_stages" / f"{stage}.json").read_text())["fingerprint"]
+    assert not (run_dir / "_stages" / "train").exists()  # `--until features` stopped there
+    customers = pd.read_parquet(run_dir / "features" / "customers")
+    assert len(customers) == customers["customer_id"].nunique() > 0
     assert "run directory:" in done.stdout  # the job's own output streamed back
 
 
