@@ -81,6 +81,9 @@ def _clvray_child(args) -> dict:
     from clvray.text.embed import embed_reviews
 
     with Timer() as start:
+        from clvray.pipeline import keep_idle_workers
+
+        keep_idle_workers()  # as the job's own local Ray (clvray.pipeline)
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         import ray.data
 

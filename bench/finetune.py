@@ -72,6 +72,9 @@ def pa_table(df):
 def _start_ray(num_cpus: int) -> None:
     import ray
 
+    from clvray.pipeline import keep_idle_workers
+
+    keep_idle_workers()  # as the job's own local Ray (clvray.pipeline)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 

@@ -180,6 +180,9 @@ def start_app(model_run: str, num_cpus: int) -> str:
     from clvray.serve import build_app
 
     if not ray.is_initialized():
+        from clvray.pipeline import keep_idle_workers
+
+        keep_idle_workers()  # as the job's own local Ray (clvray.pipeline)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -53,6 +53,9 @@ def _clvray_child(args) -> dict:
     from clvray.train import Boosters, train_models
 
     with Timer() as start:
+        from clvray.pipeline import keep_idle_workers
+
+        keep_idle_workers()  # as the job's own local Ray (clvray.pipeline)
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         import ray.data
 
