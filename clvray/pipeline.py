@@ -61,9 +61,9 @@ def keep_idle_workers(n: int = IDLE_WORKERS) -> None:
 
     Every stage starts tasks at fractional CPUs and actors; on a small node Ray's default kept
     two idle workers, killed the rest a second after they idled and started new ones for the
-    next operator, each paying Python's and Ray Data's imports again (measured on 2 cores: the
-    behavioural run took 405 s with the default and 192 s with 8, btyd 32 s -> 7 s, score
-    71 s -> 22 s). A cluster's nodes read the same variable from their environment."""
+    next operator, each paying Python's and Ray Data's imports again (one ad-hoc pair of runs on
+    2 busy cores, not a benchmark: 405 s with the default, 192 s with 8). A cluster's nodes
+    read the same variable from their environment."""
     os.environ.setdefault("RAY_num_workers_soft_limit", str(n))
 
 

@@ -17,7 +17,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Keep idle Ray workers between operators (clvray.pipeline.keep_idle_workers), for the session's
 # Ray and for every head or node a test starts (they inherit this environment).
-os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+from clvray.pipeline import keep_idle_workers  # noqa: E402
+
+keep_idle_workers()
 # Dummy AWS credentials for moto's S3 server (tests/test_s3.py), set before the session's Ray
 # starts: Ray workers get the environment the raylet had at ray.init, never later changes.
 # Forced, not defaulted, so that no test can reach a real AWS account.

@@ -59,7 +59,10 @@ class ReviewEncoder:
         dtype: str = "float32",
         loader: Callable[[str], LoadedTextModel] = load_text_model,
         torch_threads: int | None = None,
-        fixed_shapes: tuple[int, int] | None = (16, 16),
+        fixed_shapes: tuple[int, int] | None = (
+            EmbedSection().micro_batch,
+            EmbedSection().length_bucket,
+        ),
     ) -> None:
         """`fixed_shapes`: (rows, length bucket) of every encoder call (`EmbedSection.
         fixed_shapes`), or None for one call per batch padded to its longest review."""
