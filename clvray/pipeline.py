@@ -236,6 +236,9 @@ def run_pipeline(
         if runner.done("evaluate"):
             metrics = storage.read_json(join(run_dir, "evaluate", "metrics.json"))
             out = {**metrics, **out, "cluster": _cluster_resources()}
+            embedded = embed_counts(runner)
+            if embedded:
+                out["embedding"] = embedded
             if runner.done("report"):
                 out["report"] = runner.marker("report")["report"]  # type: ignore[index]
             storage.write_json(join(run_dir, "metrics.json"), out)
@@ -244,6 +247,19 @@ def run_pipeline(
     if not local:
         with open(log_file, "rb") as f:
             storage.write_bytes(join(run_dir, "logs", "ray.log"), f.read())
+    return out
+
+
+EMBED_COUNTS = ("reviews_embedded", "reviews_truncated", "max_length_tokens")
+
+
+def embed_counts(runner) -> dict[str, dict]:
+    """Per embedding stage: reviews embedded, and how many were cut to the length limit."""
+    out = {}
+    for stage in runner.stages:
+        marker = runner.marker(stage.name) if stage.name.endswith("/embed") else None
+        if marker and runner.done(stage.name):
+            out[stage.name] = {k: marker[k] for k in EMBED_COUNTS if k in marker}
     return out
 
 

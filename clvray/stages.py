@@ -29,7 +29,7 @@ from clvray.contract import as_utc
 from clvray.features import FEATURES, build_features, categorical_columns, resolve_cutoff
 from clvray.graph import Stage, StageContext, StageError
 from clvray.ingest import check_time_protocol, ingest
-from clvray.io import write_parquet
+from clvray.io import count_rows, write_parquet
 from clvray.report import write_report
 from clvray.score import score_customers
 from clvray.storage import join
@@ -152,8 +152,20 @@ def run_embed(ctx: StageContext, variant: str) -> dict:
         cutoff=cutoff_of(ctx),
         storage=ctx.storage,
     )
-    write_parquet(embeddings, ctx.uri("text", variant, "embeddings"), ctx.storage)
-    return {"model": model}
+    uri = ctx.uri("text", variant, "embeddings")
+    write_parquet(embeddings, uri, ctx.storage)
+    truncated = ctx.read("text", variant, "embeddings", columns=["truncated"]).sum("truncated")
+    counts = {
+        "reviews_embedded": count_rows(uri, ctx.storage),
+        "reviews_truncated": int(truncated or 0),
+        "max_length_tokens": ctx.cfg.text.max_length_tokens,
+    }
+    log.info(
+        "text/%s/embed: %d reviews embedded, %d cut to their first %d tokens",
+        variant, counts["reviews_embedded"], counts["reviews_truncated"],
+        counts["max_length_tokens"],
+    )  # fmt: skip
+    return {"model": model, **counts}
 
 
 def run_text_features(ctx: StageContext, variant: str) -> dict:
@@ -319,10 +331,11 @@ def variants_of(cfg, has_reviews: bool) -> list[str]:
     """Model variants in ablation order; the last is the primary (scored into the report)."""
     if not (cfg.text.enabled and has_reviews):
         return [BEHAVIOURAL]
-    out = [BEHAVIOURAL, TEXT_PRETRAINED]
-    if cfg.text.finetune.enabled:
-        out.append(TEXT_FINETUNED)
-    return out
+    if not cfg.text.finetune.enabled:
+        return [BEHAVIOURAL, TEXT_PRETRAINED]
+    if not cfg.text.pretrained_variant:
+        return [BEHAVIOURAL, TEXT_FINETUNED]
+    return [BEHAVIOURAL, TEXT_PRETRAINED, TEXT_FINETUNED]
 
 
 EMBED_KEYS = (

@@ -161,6 +161,35 @@ def test_tiny_encoder_is_a_real_bert_with_the_synthetic_vocabulary(tiny_encoder)
     assert encoder.config.hidden_size == 32 and encoder.config.num_hidden_layers == 2
 
 
+@pytest.mark.parametrize("kind", ["lists", "arrow", "arrow_slice", "chunked"])
+def test_padding_places_every_token_and_nothing_else(kind):
+    from clvray.text.tokens import flat_tokens, pad_token_ids, scatter_rows
+
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(1, 99, int(n)).tolist() for n in rng.integers(1, 12, 40)]
+    arrow = pa.array(seqs, type=pa.list_(pa.int32()))
+    given, expected = {
+        "lists": (seqs, seqs),
+        "arrow": (arrow, seqs),
+        "arrow_slice": (arrow[7:], seqs[7:]),  # offsets that index into the parent's values
+        "chunked": (pa.chunked_array([arrow[:13], arrow[13:]]), seqs),
+    }[kind]
+    ids, mask = pad_token_ids(given, pad_id=0)
+    assert ids.shape == mask.shape == (len(expected), max(map(len, expected)))
+    for row, seq in enumerate(expected):
+        assert ids[row, : len(seq)].tolist() == seq and not ids[row, len(seq) :].any()
+        assert mask[row].tolist() == [1] * len(seq) + [0] * (ids.shape[1] - len(seq))
+    # a chosen set of rows into a fixed (height, width) block: truncated, blank rows attend to
+    # one pad token
+    values, offsets = flat_tokens(given)
+    ids, mask = scatter_rows(values, offsets, np.array([2, 0]), width=4, pad_id=-1, height=3)
+    for k, row in enumerate([2, 0]):
+        seq = expected[row][:4]
+        assert ids[k].tolist() == seq + [-1] * (4 - len(seq))
+        assert mask[k].sum() == len(seq)
+    assert ids[2].tolist() == [-1] * 4 and mask[2].tolist() == [1, 0, 0, 0]
+
+
 def test_mean_pooling_ignores_padding(tiny_encoder):
     tokenizer, encoder = load_encoder(tiny_encoder)
     model = TextModel(encoder).eval()
@@ -210,6 +239,15 @@ def test_fast_tokenization_matches_transformers_and_sorts_by_length():
     got = dict(zip(out["review_id"].to_pylist(), out["input_ids"].to_pylist(), strict=True))
     assert [got[k] for k in "abcd"] == expected
     assert max(out["n_tokens"].to_pylist()) == 12
+    # `truncated` says which reviews lost tokens: independently, the untruncated length
+    full = tokenizer([t or "" for t in texts])["input_ids"]
+    flags = dict(zip(out["review_id"].to_pylist(), out["truncated"].to_pylist(), strict=True))
+    assert [flags[k] for k in "abcd"] == [len(ids) > 12 for ids in full] == [True] + [False] * 3
+    # the fallback for models without tokenizer.json flags the same reviews
+    from clvray.text.tokens import _HFTokenizer
+
+    ids, slow_flags = _HFTokenizer(path).encode_flagged([t or "" for t in texts], 12)
+    assert ids == expected and slow_flags == [flags[k] for k in "abcd"]
 
 
 def test_device_and_dtype_selection():

@@ -16,6 +16,7 @@ Output rows (one per input review before the cutoff, none dropped or duplicated)
 | ts | timestamp[us, UTC] |
 | embedding | fixed_size_list<float32 or float16>[hidden] (`embed.dtype`), mean of the token vectors |
 | score | float32: the head's prediction (fine-tuned model: predicted rating on the 1..5 scale, or churn probability, as the model's `clvray_text.json` says); null for a pretrained encoder without a head |
+| truncated | bool: the review was longer than `text.max_length_tokens` and only its start was embedded (the embed stage's marker counts them) |
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from clvray.storage import Storage
 from clvray.text.encoder import LoadedTextModel, load_text_model, pad_batch, pick_device, pick_dtype
 from clvray.text.partition import before_cutoff, require_columns
 from clvray.text.source import resolve_model_path
-from clvray.text.tokens import tokenize_reviews
+from clvray.text.tokens import flat_tokens, scatter_rows, tokenize_reviews
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -98,8 +99,7 @@ class ReviewEncoder:
         """Every call has shape (rows, bucket): a row's result depends on its tokens alone (a
         GEMM's rounding changes with its shape, not with the other rows' values)."""
         rows, bucket = self.fixed_shapes  # type: ignore[misc]
-        offsets = sequences.offsets.to_numpy()
-        values = sequences.values.to_numpy(zero_copy_only=False)
+        values, offsets = flat_tokens(sequences)
         lengths = np.diff(offsets)
         width = np.maximum(-(-lengths // bucket) * bucket, bucket)
         order = np.lexsort((np.arange(len(lengths)), width))
@@ -110,16 +110,7 @@ class ReviewEncoder:
             for start in range(0, len(group), rows):
                 chunk = group[start : start + rows]
                 n = len(chunk)
-                mask = np.zeros((rows, w), dtype=np.int64)
-                mask[:n] = np.arange(w)[None, :] < lengths[chunk][:, None]
-                mask[n:, 0] = 1  # blank rows attend to one pad token (no empty mean)
-                ids = np.full((rows, w), self.pad_id, dtype=np.int64)
-                # the rows' tokens in order: offsets of each row plus a running position
-                starts = np.repeat(offsets[chunk], lengths[chunk])
-                within = np.arange(starts.size) - np.repeat(
-                    np.cumsum(lengths[chunk]) - lengths[chunk], lengths[chunk]
-                )
-                ids[:n][mask[:n].astype(bool)] = values[starts + within]
+                ids, mask = scatter_rows(values, offsets, chunk, int(w), self.pad_id, rows)
                 emb, score = self._encode(ids, mask)
                 if pooled is None:
                     pooled = np.empty((len(lengths), emb.shape[1]), dtype=np.float32)
@@ -160,8 +151,16 @@ class ReviewEncoder:
                 "ts": pc.cast(batch["ts"], TS),
                 "embedding": pa.FixedSizeListArray.from_arrays(values, hidden),
                 "score": scores,
+                "truncated": truncated_flags(batch),
             }
         )
+
+
+def truncated_flags(batch: pa.Table) -> pa.Array:
+    """The tokenizer's `truncated` column (all false for input tokenized without it)."""
+    if "truncated" in batch.column_names:
+        return pc.fill_null(pc.cast(batch["truncated"], pa.bool_()), False).combine_chunks()
+    return pa.array(np.zeros(batch.num_rows, dtype=bool), type=pa.bool_())
 
 
 def fixed_shapes(emb: EmbedSection) -> tuple[int, int] | None:
