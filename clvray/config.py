@@ -7,6 +7,7 @@ before any Ray work starts.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import hashlib
 import json
@@ -264,6 +265,10 @@ class TextSection(_Strict):
     max_length_tokens: int = Field(128, gt=0)
     num_partitions: int = Field(8, gt=0)
     """Hash partitions of the text path's customer shuffles (label join, per-customer features)."""
+    pretrained_variant: bool = True
+    """Also fit `gbm_text_pretrained` (the encoder before fine-tuning) as an ablation beside
+    `gbm_text_finetuned`: it costs one more embedding pass and model. Off: the fine-tuned
+    variant alone (with fine-tuning off, the pretrained one is the text model regardless)."""
     finetune: FinetuneSection = FinetuneSection()
     embed: EmbedSection = EmbedSection()
     topics: TopicsSection = TopicsSection()
@@ -409,6 +414,37 @@ def _describe(err: ValidationError, source: str) -> str:
         else:
             lines.append(f"{source}: config key {key!r}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    storage_help: str = "run storage root: a folder or s3://bucket/prefix",
+    run_id_help: str | None = "run folder name (default: hash of the data)",
+    set_example: str = "features.horizon_days=60",
+) -> None:
+    """The options every job shares: `--config`, `--storage`, `--run-id` (unless
+    `run_id_help` is None) and repeatable `--set KEY=VALUE`; `config_from_args` reads them."""
+    parser.add_argument(
+        "--config", default=None, help="YAML config (defaults in code when omitted)"
+    )
+    parser.add_argument("--storage", default=None, help=storage_help)
+    if run_id_help is not None:
+        parser.add_argument("--run-id", default=None, help=run_id_help)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {set_example} (repeatable)",
+    )  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """`load_config` for the options of `add_config_options` (`--storage` and `--run-id` are
+    `run.storage` and `run.run_id`, applied after every `--set`)."""
+    overrides = list(args.overrides)
+    if args.storage:
+        overrides.append(f"run.storage={args.storage}")
+    if getattr(args, "run_id", None):
+        overrides.append(f"run.run_id={args.run_id}")
+    return load_config(args.config, overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -62,7 +62,7 @@ from clvray.contract import (
     validate_transactions_table,
 )
 from clvray.features import categorical_name
-from clvray.io import BadFileError, FilePart, InputError, plan_parts, read_part
+from clvray.io import BadFileError, FilePart, InputError, count_rows, plan_parts, read_part
 from clvray.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -416,8 +416,8 @@ def write_split(
             by_reason[reason] = by_reason.get(reason, 0) + n
     ts_min = summary["ts_min"].dropna()
     ts_max = summary["ts_max"].dropna()
-    rows_accepted = _footer_rows(accepted_uri, storage)
-    rows_rejected = _footer_rows(rejects_uri, storage)
+    rows_accepted = count_rows(accepted_uri, storage)
+    rows_rejected = count_rows(rejects_uri, storage)
     if (rows_accepted, rows_rejected) != (summary["accepted"].sum(), summary["rejected"].sum()):
         raise RuntimeError(
             f"{table}: files hold {rows_accepted} accepted and {rows_rejected} rejected rows, "
@@ -438,17 +438,6 @@ def write_split(
 
 def _iso_us(us: int) -> str:
     return pd.Timestamp(us, unit="us", tz="UTC").isoformat()
-
-
-def _footer_rows(uri: str, storage: Storage) -> int:
-    """Rows in a parquet folder, from file footers only (no data read)."""
-    fs, _ = storage.filesystem(uri)
-    rows = 0
-    for f in storage.list_files(uri):
-        if f.endswith(".parquet"):
-            with fs.open_input_file(f) as src:
-                rows += pq.ParquetFile(src).metadata.num_rows
-    return rows
 
 
 def _check(

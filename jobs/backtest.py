@@ -14,30 +14,25 @@ import sys
 from pathlib import Path
 
 from clvray.backtest import run_backtest
-from clvray.config import ConfigError, load_config
+from clvray.config import ConfigError, add_config_options, config_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default=None, help="YAML config (defaults in code when omitted)")
-    p.add_argument("--storage", default=None, help="run storage root: folder or s3://bucket/prefix")
+    add_config_options(p, run_id_help=None)
     p.add_argument("--prefix", default=None, help="run id prefix of the cutoffs' runs")
     p.add_argument("--k", type=int, default=3, help="number of cutoffs")
     p.add_argument("--spacing-days", type=int, default=None, help="days between cutoffs")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of customers")
     p.add_argument("--out", default=None, help="also write the summary JSON here")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.storage:
-        overrides.append(f"run.storage={args.storage}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

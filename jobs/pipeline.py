@@ -12,7 +12,7 @@ import logging
 import sys
 
 from clvray.cluster import StorageNotSharedError, set_job_environment
-from clvray.config import ConfigError, load_config
+from clvray.config import ConfigError, add_config_options, config_from_args
 from clvray.graph import StageError
 from clvray.ingest import INPUT_ERRORS
 from clvray.pipeline import headline, plan, run_pipeline
@@ -20,19 +20,7 @@ from clvray.pipeline import headline, plan, run_pipeline
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default=None, help="YAML config (defaults in code when omitted)")
-    p.add_argument(
-        "--storage", default=None, help="run storage root: a folder or s3://bucket/prefix"
-    )
-    p.add_argument("--run-id", default=None, help="run folder name (default: hash of the data)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set features.horizon_days=60 (repeatable)",
-    )
+    add_config_options(p)
     p.add_argument("--plan", action="store_true", help="print the stage graph and what would run")
     p.add_argument("--until", default=None, help="run this stage and what it needs, then stop")
     p.add_argument("--only", action="append", default=None, help="run only this stage (repeatable)")
@@ -41,16 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.storage:
-        overrides.append(f"run.storage={args.storage}")
-    if args.run_id:
-        overrides.append(f"run.run_id={args.run_id}")
     # The terminal shows clvray's stage lines; Ray's own records go to <run_dir>/logs/ray.log.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("clvray").setLevel(logging.INFO)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
         if args.plan:
             print(plan(cfg, args.until, args.only))
             return 0

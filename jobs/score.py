@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 
-from clvray.config import ConfigError, load_config
+from clvray.config import ConfigError, add_config_options, config_from_args
 from clvray.model_run import ModelRunError, score_snapshot
 
 
@@ -25,26 +25,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--as-of", default=None, help="score as of this date/time (UTC); default: end of data"
     )
-    p.add_argument("--config", default=None, help="YAML config: the snapshot, storage, resources")
-    p.add_argument("--storage", default=None, help="where the scoring run goes (folder or s3://)")
-    p.add_argument("--run-id", default=None, help="scoring run folder name")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set data.transactions=s3://b/tx (repeatable)",
-    )  # fmt: skip
+    add_config_options(
+        p,
+        storage_help="where the scoring run goes (folder or s3://)",
+        run_id_help="scoring run folder name",
+        set_example="data.transactions=s3://b/tx",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.storage:
-        overrides.append(f"run.storage={args.storage}")
-    if args.run_id:
-        overrides.append(f"run.run_id={args.run_id}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
         summary = score_snapshot(args.model_run, cfg, as_of=args.as_of)
     except (ConfigError, ModelRunError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -151,6 +151,24 @@ def test_finetune_epochs_leave_ingest_features_and_the_pretrained_path_alone():
     }
 
 
+def test_the_pretrained_ablation_is_in_the_default_graph_and_can_be_left_out():
+    from clvray.stages import variants_of
+
+    cfg = load_config("configs/demo.yaml")
+    assert variants_of(cfg, has_reviews=True) == [
+        "gbm_behavioural", "gbm_text_pretrained", "gbm_text_finetuned"
+    ]  # fmt: skip
+    assert variants_of(cfg, has_reviews=False) == ["gbm_behavioural"]
+    lean = load_config("configs/demo.yaml", ["text.pretrained_variant=false"])
+    assert variants_of(lean, has_reviews=True) == ["gbm_behavioural", "gbm_text_finetuned"]
+    names = {s.name for s in build_stages(lean, has_reviews=True)}
+    assert not {n for n in names if "pretrained" in n}
+    no_finetune = load_config(
+        "configs/demo.yaml", ["text.pretrained_variant=false", "text.finetune.enabled=false"]
+    )
+    assert variants_of(no_finetune, has_reviews=True) == ["gbm_behavioural", "gbm_text_pretrained"]
+
+
 def test_every_stage_reads_only_keys_that_exist_and_outputs_are_owned_once():
     cfg = load_config("configs/demo.yaml", ["data.transactions=tx", "data.reviews=rv"])
     stages = build_stages(cfg, has_reviews=True)
