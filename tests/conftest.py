@@ -146,6 +146,9 @@ def text_run_argv(storage, tiny_encoder: str, *extra: str) -> list[str]:
         "--set", "text.num_partitions=2",
         "--set", "text.topics.n_topics=3",
         "--set", "text.topics.as_features=true",
+        # the pretrained-encoder ablation adds five stages of the same code as the fine-tuned
+        # variant's (tests/test_graph.py checks it is in the default graph)
+        "--set", "text.pretrained_variant=false",
         *extra,
     ]  # fmt: skip
 

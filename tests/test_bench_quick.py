@@ -9,6 +9,9 @@ import pytest
 
 from tests.conftest import REPO
 
+# A benchmark marked `cluster` starts its own Ray (a child process per side), which tiers it as
+# integration: `make test-fast` leaves it out.
+
 
 def _bench(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
@@ -17,6 +20,7 @@ def _bench(name: str):
     return mod
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_ingest_features_quick_gives_polars_values(tmp_path):
     rows = _bench("ingest_features").main(
@@ -29,6 +33,7 @@ def test_ingest_features_quick_gives_polars_values(tmp_path):
     assert row["clvray_peak_gib"] > 0 and row["polars_peak_gib"] > 0
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_embed_quick_gives_the_loops_embeddings(tmp_path, tiny_encoder):
     (row,) = _bench("embed").main(
@@ -40,6 +45,7 @@ def test_embed_quick_gives_the_loops_embeddings(tmp_path, tiny_encoder):
     assert row["a_clvray_per_s"] > 0 and row["b_loop_per_s"] > 0 and row["c_single_per_s"] > 0
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_xgb_quick_gives_the_same_metrics(tmp_path):
     trainer, single = _bench("xgb_train").main(
@@ -51,6 +57,7 @@ def test_xgb_quick_gives_the_same_metrics(tmp_path):
     assert trainer["auc_rel_diff"] < 0.05 and trainer["gini_rel_diff"] < 0.05
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_finetune_quick_runs_both_sides_on_the_same_reviews(tmp_path, tiny_encoder):
     trainer, loop = _bench("finetune").main(

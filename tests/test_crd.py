@@ -11,6 +11,7 @@ schemas folder is checked: the manifests claim to work from the oldest one on.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -38,8 +39,12 @@ def kuberay_manifests() -> list[Path]:
     return out
 
 
+@functools.cache
 def crd_schema(release: str, kind: str, api_version: str) -> dict:
-    crd = yaml.safe_load((SCHEMAS / release / CRD_FILES[kind]).read_text())
+    """The CRD's schema for `api_version`, parsed once per session (a CRD file is megabytes of
+    YAML: parsing it per test cost ~10 s each); callers only read it."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((SCHEMAS / release / CRD_FILES[kind]).read_text(), Loader=loader)
     version = api_version.split("/", 1)[1]
     for v in crd["spec"]["versions"]:
         if v["name"] == version:

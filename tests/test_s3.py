@@ -194,6 +194,50 @@ def test_mlflow_takes_its_artifacts_from_the_bucket(s3_run, tmp_path, monkeypatc
     assert "models/gbm_behavioural/value.ubj" in files
 
 
+@pytest.mark.slow
+def test_score_job_on_s3_reproduces_the_training_scores(s3_run, tmp_path, monkeypatch):
+    """jobs/score.py with the model run, the snapshot and the output all in the bucket, as of
+    the training cutoff: the same customers get the training run's own scores (one feature
+    code, one fitted state, no refit), and nothing is written locally."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import jobs.score as job
+    from clvray.storage import Storage
+
+    endpoint, _, _ = s3_run
+    storage = Storage(endpoint_url=endpoint)
+    model_run = f"s3://{BUCKET}/runs/s3e2e"
+    metrics = storage.read_json(f"{model_run}/metrics.json")
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--model-run", model_run, "--as-of", metrics["cutoff"],
+        "--storage", f"s3://{BUCKET}/scoring", "--run-id", "at-cutoff",
+        "--set", f"s3.endpoint_url={endpoint}",
+        "--set", "data.source=contract_parquet",
+        "--set", f"data.transactions=s3://{BUCKET}/input/transactions",
+        "--set", f"data.reviews=s3://{BUCKET}/input/reviews",
+        "--set", "features.num_partitions=2",
+    ]  # fmt: skip
+    assert job.main(argv) == 0
+    assert list(tmp_path.iterdir()) == []
+    summary = storage.read_json(f"s3://{BUCKET}/scoring/at-cutoff/score.json")
+    assert summary["scores"].startswith(f"s3://{BUCKET}/scoring/at-cutoff/")
+
+    def table(uri):
+        fs, path = storage.filesystem(uri)
+        frame = pq.read_table(path, filesystem=fs).to_pandas()
+        return frame.sort_values("customer_id").set_index("customer_id")
+
+    scored = table(summary["scores"])
+    trained = table(f"{model_run}/scores/{metrics['primary_model']}")
+    assert list(scored.index) == list(trained.index)  # the same population
+    assert (scored["model_run"] == model_run).all()
+    for column in ("future_value_pred", "value_p10", "value_p50", "value_p90", "churn_prob"):
+        np.testing.assert_allclose(scored[column], trained[column], rtol=1e-6, atol=1e-9)
+    assert (scored["value_segment"] == trained["value_segment"]).all()
+
+
 @pytest.mark.parametrize(
     ("endpoint_url", "override", "scheme"),
     [
