@@ -84,6 +84,7 @@ def run_backtest(
     spacing_days: int | None = None,
     n_boot: int = 500,
     prefix: str | None = None,
+    until: str | None = None,
 ) -> dict:
     """Run the pipeline at `k` cutoffs `spacing_days` apart (default: one horizon) and pool.
 
@@ -92,6 +93,8 @@ def run_backtest(
     `vs_bgnbd`, `vs_behavioural` and `text_lift` paired differences, value-model choices,
     population counts and interval coverage per segment. Cost: k pipeline runs less (k - 1)
     ingests; the bootstrap is `n_boot` x k metric evaluations per model on the driver.
+    `until`: run each cutoff's pipeline only up to this stage (at least `evaluate`, whose
+    predictions the pooling reads; `evaluate` skips the per-cutoff reports).
     """
     from clvray.pipeline import absolute_paths, connect_ray, run_pipeline
 
@@ -114,13 +117,13 @@ def run_backtest(
     for i in range(k):
         if i == 0:
             # The latest cutoff's run ingests; it resolves the cutoff when none is configured.
-            m = run_pipeline(at(latest, f"{prefix}-cutoff-0"))
+            m = run_pipeline(at(latest, f"{prefix}-cutoff-0"), until=until)
             latest = pd.Timestamp(m["cutoff"])
             first_dir = m["run_dir"]
         else:
             cutoff = cutoffs_back(latest, i + 1, spacing)[-1]
             run_id = f"{prefix}-cutoff-{i}"
-            m = run_pipeline(at(cutoff, run_id), ingest_from=first_dir)
+            m = run_pipeline(at(cutoff, run_id), until=until, ingest_from=first_dir)
         log.info("backtest cutoff %s done: %s", m["cutoff"], m["run_dir"])
         runs.append(m)
     summary = summarize([(m, _read_frame(storage, m["run_dir"])) for m in runs], n_boot=n_boot)

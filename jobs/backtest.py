@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spacing-days", type=int, default=None, help="days between cutoffs")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of customers")
     p.add_argument("--out", default=None, help="also write the summary JSON here")
+    p.add_argument(
+        "--until", default=None, help="run each cutoff up to this stage (evaluate: no reports)"
+    )
     return p.parse_args(argv)
 
 
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    summary = run_backtest(cfg, args.k, args.spacing_days, args.n_boot, args.prefix)
+    summary = run_backtest(cfg, args.k, args.spacing_days, args.n_boot, args.prefix, args.until)
     text = json.dumps(summary, indent=1, default=str)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

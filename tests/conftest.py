@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from clvray.pipeline import keep_idle_workers  # noqa: E402
 
 keep_idle_workers()
+PLANTED_SECRET = "clvray-planted-3f9a1c7e"
 # Dummy AWS credentials for moto's S3 server (tests/test_s3.py), set before the session's Ray
 # starts: Ray workers get the environment the raylet had at ray.init, never later changes.
 # Forced, not defaulted, so that no test can reach a real AWS account.
@@ -28,6 +29,9 @@ os.environ.update(
     AWS_SECRET_ACCESS_KEY="clvray-test-secret",
     AWS_DEFAULT_REGION="us-east-1",
     MLFLOW_ALLOW_FILE_STORE="true",
+    # A secret every process of the session holds and no output may contain
+    # (tests/test_pipeline.py scans every file of the shared run for it and for the AWS key).
+    CLVRAY_TEST_PLANTED_SECRET=PLANTED_SECRET,
 )
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_name, None)

@@ -309,6 +309,7 @@ def test_backtest_job_on_tiny_synthetic_data(ray_local, tmp_path):
         "--k", "2",
         "--spacing-days", "60",
         "--n-boot", "50",
+        "--until", "evaluate",  # the pooling reads evaluate's predictions; no reports
         "--out", str(out),
         "--set", "data.synthetic.n_customers=400",
         "--set", "data.synthetic.customers_per_task=400",
@@ -342,3 +343,4 @@ def test_backtest_job_on_tiny_synthetic_data(ray_local, tmp_path):
     assert (second / "ingest").is_symlink()
     m1 = json.loads((second / "metrics.json").read_text())
     assert "ingest" in m1["skipped_stages"] and m1["cutoff"].startswith(str(c1.date()))
+    assert not (second / "report").exists()  # `--until evaluate`

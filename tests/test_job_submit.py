@@ -102,30 +102,37 @@ def ray_head():
         assert not _head_processes(temp_dir, gcs_address), "a head process was missed"
 
 
+def _submit(address: str, env: dict, submission_id: str, entrypoint: list[str]):
+    """`ray job submit` of this repository as the working dir; retried while the head's job
+    agent is not up yet (a 500 "No available agent": no job was created)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    submit = [
+        ray, "job", "submit", "--address", address, "--submission-id", submission_id,
+        "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}),
+        "--", *entrypoint,
+    ]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(3)
+
+
 def test_job_submit_succeeds_and_writes_its_stages(ray_head, tmp_path):
     """The submission path (working dir, runtime env, token auth, output streamed back, files on
     storage both sides see) on a slice of the graph; whole runs are tests/test_pipeline.py's."""
     address, env = ray_head
     ray = str(Path(sys.executable).parent / "ray")
-    submit = [
-        ray, "job", "submit", "--address", address, "--submission-id", "clvray-test",
-        "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}),
-        "--", "python", "jobs/pipeline.py", "--config", "configs/demo.yaml",
+    done = _submit(address, env, "clvray-test", [
+        "python", "jobs/pipeline.py", "--config", "configs/demo.yaml",
         "--storage", str(tmp_path), "--run-id", "submitted",
         # One machine: the head and the test share tmp_path (on a real cluster: s3://).
         "--set", "ray.shared_local_storage=true",
         "--set", "text.enabled=false", "--set", "data.synthetic.n_customers=300",
         "--set", "features.num_partitions=2", "--until", "features",
-    ]  # fmt: skip
-    # `ray start` returns before the head's job agent is up; the job API says so with a 500
-    # ("No available agent"), in which case no job was created and submitting again is safe.
-    deadline = time.monotonic() + 120
-    while True:
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in done.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(3)
+    ])  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = subprocess.run(
         [ray, "job", "status", "--address", address, "clvray-test"],
@@ -142,6 +149,40 @@ def test_job_submit_succeeds_and_writes_its_stages(ray_head, tmp_path):
     customers = pd.read_parquet(run_dir / "features" / "customers")
     assert len(customers) == customers["customer_id"].nunique() > 0
     assert "run directory:" in done.stdout  # the job's own output streamed back
+
+
+def test_score_job_submitted_reproduces_the_training_scores(ray_head, text_run, tmp_path):
+    """jobs/score.py through `ray job submit`, with the session's text run as the model run, as
+    of its cutoff: the fine-tuned encoder, the text reduction, the boosters and the segment
+    edges applied on the head's own workers give the training run's scores."""
+    import numpy as np
+
+    address, env = ray_head
+    run_dir, storage, _ = text_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (data,) = list((storage / "_synthetic").iterdir())
+    done = _submit(address, env, "clvray-score", [
+        "python", "jobs/score.py", "--model-run", str(run_dir), "--as-of", metrics["cutoff"],
+        "--storage", str(tmp_path), "--run-id", "submitted-score",
+        "--set", "ray.shared_local_storage=true",
+        "--set", "data.source=contract_parquet",
+        "--set", f"data.transactions={data / 'transactions'}",
+        "--set", f"data.reviews={data / 'reviews'}",
+        "--set", "features.num_partitions=2", "--set", "text.num_partitions=2",
+        "--set", "text.embed.max_actors=1",
+    ])  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "submitted-score" / "score.json").read_text())
+    scored = pd.read_parquet(summary["scores"]).set_index("customer_id").sort_index()
+    trained = (
+        pd.read_parquet(run_dir / "scores" / metrics["primary_model"])
+        .set_index("customer_id")
+        .sort_index()
+    )
+    assert list(scored.index) == list(trained.index)
+    for column in ("future_value_pred", "value_p10", "value_p90", "churn_prob"):
+        np.testing.assert_allclose(scored[column], trained[column], rtol=1e-6, atol=1e-9)
+    assert (scored["value_segment"] == trained["value_segment"]).all()
 
 
 @pytest.mark.parametrize(

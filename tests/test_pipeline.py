@@ -235,3 +235,21 @@ def test_training_again_gives_the_same_scores(pipeline_run):
     assert got.num_rows == expected.num_rows > 0
     differ = [c for c in expected.column_names if not got[c].equals(expected[c])]
     assert got.column_names == expected.column_names and not differ, differ
+
+
+def test_no_secret_from_the_environment_in_any_file_the_run_wrote(pipeline_run):
+    """Every process of the run held AWS_SECRET_ACCESS_KEY and a planted secret (set by
+    tests/conftest.py before Ray started): no file of the run (outputs, markers, logs, Ray
+    Train checkpoints, the fine-tuned model, the report) may contain either."""
+    import os
+
+    from tests.conftest import PLANTED_SECRET
+
+    run_dir, _ = pipeline_run
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), PLANTED_SECRET.encode()]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 50 and any(p.parts[-2:] == ("logs", "ray.log") for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret not in data, f"{secret.decode()!r} found in {path}"
