@@ -24,17 +24,23 @@ LABELS = ("future_value", "churned")
 """Label columns passed through to `scores/` when the input has them (evaluation reads them)."""
 
 
-def fit_segment_edges(predictions, n_segments: int, sample_rows: int) -> list[float]:
+def fit_segment_edges(
+    predictions, n_segments: int, sample_rows: int, rows: int | None = None
+) -> list[float]:
     """Quantile edges of `future_value_pred` over the scored train split.
 
     `predictions` is a scored dataset (`customer_id`, `split`, `future_value_pred`). At most
     about `sample_rows` train customers (a stable hash sample, the same whatever the block
-    layout) reach the driver: two floats each.
+    layout) reach the driver: two floats each. `rows`, the number of scored customers when the
+    caller knows it (parquet footers), bounds the train split from above and spares a pass
+    that counts it: the sample is then `sample_rows` x the train share, every customer while
+    all of them fit.
     """
     train = predictions.filter(expr="split == 'train'").select_columns(
         ["customer_id", "future_value_pred"]
     )
-    frac = min(1.0, sample_rows / max(train.count(), 1))
+    n = train.count() if rows is None else rows
+    frac = min(1.0, sample_rows / max(n, 1))
     if frac < 1:
         train = train.map_batches(_hash_sample, fn_kwargs={"frac": frac}, batch_format="pandas")
     sample = train.to_pandas()
@@ -122,7 +128,7 @@ def score_customers(
     """
     import ray.data
 
-    from clvray.io import read_parquet
+    from clvray.io import count_rows, read_parquet
 
     scored = customers.map_batches(
         Scorer,
@@ -138,7 +144,10 @@ def score_customers(
     )
     write_parquet(scored, scratch_uri, storage)
     edges = fit_segment_edges(
-        read_parquet(scratch_uri, storage), cfg.n_segments, cfg.edge_sample_rows
+        read_parquet(scratch_uri, storage),
+        cfg.n_segments,
+        cfg.edge_sample_rows,
+        rows=count_rows(scratch_uri, storage),
     )
     segmented = read_parquet(scratch_uri, storage).map_batches(
         assign_segments, fn_kwargs={"edges": edges}, batch_format="pandas"

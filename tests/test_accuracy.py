@@ -344,3 +344,40 @@ def test_backtest_job_on_tiny_synthetic_data(ray_local, tmp_path):
     m1 = json.loads((second / "metrics.json").read_text())
     assert "ingest" in m1["skipped_stages"] and m1["cutoff"].startswith(str(c1.date()))
     assert not (second / "report").exists()  # `--until evaluate`
+
+
+def test_segment_edges_are_train_deciles_of_a_stable_hash_sample(ray_local):
+    """`fit_segment_edges`: every train customer while they fit in `sample_rows` (counted, or
+    bounded by the scored rows a caller passes), else the same hash sample of them whatever
+    the blocks; the other splits never count."""
+    import ray.data
+
+    from clvray.contract import unit_hash
+    from clvray.score import fit_segment_edges
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    frame = pd.DataFrame(
+        {
+            "customer_id": [f"c{i:05d}" for i in range(n)],
+            "split": rng.choice(["train", "valid", "test"], n, p=[0.6, 0.2, 0.2]),
+            "future_value_pred": rng.gamma(1.0, 50.0, n),
+        }
+    )
+    train = frame[frame["split"] == "train"].sort_values("customer_id")
+    deciles = np.linspace(0, 1, 11)[1:-1]
+    ds = ray.data.from_pandas(frame).repartition(4)
+    everyone = np.quantile(train["future_value_pred"], deciles)
+    assert fit_segment_edges(ds, 10, sample_rows=n) == pytest.approx(everyone)
+    assert fit_segment_edges(ds, 10, sample_rows=n, rows=n) == pytest.approx(everyone)
+    # a sample: half of the scored rows' worth, the same customers counted or bounded
+    kept = train[unit_hash(train["customer_id"], "segments") < 0.5]
+    sampled = np.quantile(kept["future_value_pred"], deciles)
+    assert fit_segment_edges(ds.repartition(7), 10, sample_rows=n // 2, rows=n) == pytest.approx(
+        sampled
+    )
+    frac = (n // 4) / len(train)
+    counted = train[unit_hash(train["customer_id"], "segments") < frac]
+    assert fit_segment_edges(ds, 10, sample_rows=n // 4) == pytest.approx(
+        np.quantile(counted["future_value_pred"], deciles)
+    )
