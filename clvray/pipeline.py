@@ -258,7 +258,7 @@ def embed_counts(runner) -> dict[str, dict]:
     out = {}
     for stage in runner.stages:
         marker = runner.marker(stage.name) if stage.name.endswith("/embed") else None
-        if marker and runner.done(stage.name):
+        if marker and marker.get("fingerprint") == runner.fingerprints[stage.name]:
             out[stage.name] = {k: marker[k] for k in EMBED_COUNTS if k in marker}
     return out
 

@@ -197,11 +197,10 @@ def test_text_run_holds_the_ablation_and_topics(pipeline_run):
     assert 'id="topics"' in html and topics[0]["words"][0] in html
     # each embedding stage says how many reviews it embedded and how many it cut short
     assert set(metrics["embedding"]) == {"text/gbm_text_finetuned/embed"}
-    for variant in ("gbm_text_finetuned",):
-        counts = metrics["embedding"][f"text/{variant}/embed"]
-        table = pd.read_parquet(run_dir / "text" / variant / "embeddings")
-        assert counts["reviews_embedded"] == len(table) > 0
-        assert counts["reviews_truncated"] == int(table["truncated"].sum())
+    counts = metrics["embedding"]["text/gbm_text_finetuned/embed"]
+    table = pd.read_parquet(run_dir / "text" / "gbm_text_finetuned" / "embeddings")
+    assert counts["reviews_embedded"] == len(table) > 0
+    assert counts["reviews_truncated"] == int(table["truncated"].sum())
 
 
 def test_training_again_gives_the_same_scores(pipeline_run):
