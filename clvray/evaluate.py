@@ -81,6 +81,7 @@ def evaluate(
     primary: str,
     cutoff: pd.Timestamp,
     counts: dict,
+    splits: dict[str, int],
     btyd_fit: btyd.TrainBTYD | None = None,
     btyd_error: str | None = None,
 ) -> tuple[dict, pd.DataFrame]:
@@ -90,16 +91,15 @@ def evaluate(
     `customers` is the behavioural customer table (the baselines' inputs). `run` gives `cfg`,
     `storage` and `run_dir`. Returns the metrics dict (written to metrics.json) and the
     per-customer test frame (`customer_id`, `future_value`, `churned`,
-    `pred_value__<model>`, `pred_churn__<model>`) that the report plots. `btyd_fit` is the
+    `pred_value__<model>`, `pred_churn__<model>`) that the report plots. `splits` counts the
+    customers of `customers` per split (`clvray.features.split_counts`). `btyd_fit` is the
     BG/NBD + Gamma-Gamma fitted on the train customers (`clvray.btyd`), or None with
     `btyd_error` saying why it could not be fitted.
     """
     cfg, storage = run.cfg, run.storage
     horizon = cfg.features.horizon_days
     cap = cfg.evaluate.max_customers
-    n_total = customers.count()
-    # three keys: one partition (Ray's default of 200 costs seconds per empty one)
-    split_counts = customers.groupby("split", num_partitions=1).count().to_pandas()
+    n_total = sum(splits.values())
     out: dict = {
         "run_dir": run.run_dir,
         "source": cfg.data.source,
@@ -108,10 +108,7 @@ def evaluate(
         "counts": counts,
         "population": {
             "customers": int(n_total),
-            **{
-                str(r): int(c)
-                for r, c in zip(split_counts["split"], split_counts["count()"], strict=True)
-            },
+            **{s: int(n) for s, n in splits.items() if n},
         },
         "primary_model": primary,
         "models": {},

@@ -344,9 +344,15 @@ def _bucket_features(
         reviews = pl.from_arrow(rv)
         assert isinstance(frame, pl.DataFrame) and isinstance(reviews, pl.DataFrame)
         out = feature_plan(frame.lazy(), reviews.lazy(), as_utc(cutoff), horizon_days).collect()
-        parts.append(_with_split(out, valid_share, test_share).to_arrow().cast(FEATURE_SCHEMA))
+        out = _with_split(out, valid_share, test_share)
+        parts.append(out.to_arrow().cast(FEATURE_SCHEMA))
         counts = population_counts(frame.lazy(), reviews.lazy(), as_utc(cutoff))
         storage.write_json(join(staged, "_population", f"bucket={bucket}.json"), counts)
+        splits = out["split"].value_counts()
+        storage.write_json(
+            join(staged, "_splits", f"bucket={bucket}.json"),
+            dict(zip(splits["split"].to_list(), splits["count"].to_list(), strict=True)),
+        )
     return pa.concat_tables(parts) if parts else FEATURE_SCHEMA.empty_table()
 
 
@@ -399,10 +405,17 @@ def population_counts(tx, rv, cutoff: pd.Timestamp) -> dict[str, int]:
     return {"customers_seen": sum(out.values()), **out}
 
 
-def _sum_population(staged: str, storage: Storage, n_buckets: int) -> dict[str, int]:
+SPLITS_FILE = "splits.json"
+SPLITS = ("train", "valid", "test")
+"""`features/splits.json`: customers of the customer table per split, counted by the tasks that
+wrote it, so later stages know them without reading the table again."""
+
+
+def _sum_buckets(staged: str, folder: str, storage: Storage, n_buckets: int) -> dict[str, int]:
+    """The sum of the per-bucket count files `<staged>/<folder>/bucket=k.json`."""
     total: dict[str, int] = {}
     for bucket in range(n_buckets):
-        counts = storage.read_json(join(staged, "_population", f"bucket={bucket}.json"))
+        counts = storage.read_json(join(staged, folder, f"bucket={bucket}.json"))
         for k, v in counts.items():
             total[k] = total.get(k, 0) + int(v)
     return total
@@ -464,11 +477,41 @@ def build_features(cfg: Config, storage: Storage, run_dir: str, cutoff: pd.Times
     write_parquet(customers, out, storage)
     # Customers seen in the input but outside the population, by reason (never dropped
     # silently): one small file per bucket, summed here; evaluate puts them in metrics.json.
-    storage.write_json(
-        join(run_dir, "features", POPULATION_FILE), _sum_population(staged, storage, n_buckets)
-    )
+    population = _sum_buckets(staged, "_population", storage, n_buckets)
+    storage.write_json(join(run_dir, "features", POPULATION_FILE), population)
+    splits = _sum_buckets(staged, "_splits", storage, n_buckets)
+    splits = {s: splits.get(s, 0) for s in SPLITS}
+    written = count_rows(out, storage)
+    if not sum(splits.values()) == population.get("in_population", 0) == written:
+        raise RuntimeError(
+            f"features: {written} customer rows written, but the buckets counted "
+            f"{population.get('in_population', 0)} in the population and {splits} by split"
+        )
+    storage.write_json(join(run_dir, "features", SPLITS_FILE), splits)
     storage.delete_dir(staged)
     return out
+
+
+def split_counts(storage: Storage, run_dir: str) -> dict[str, int]:
+    """Customers per split of `<run_dir>/features/customers`: `features/splits.json`, or for a
+    run whose features stage predates that file, one pass over the `split` column."""
+    uri = join(run_dir, "features", SPLITS_FILE)
+    if storage.exists(uri):
+        return {k: int(v) for k, v in storage.read_json(uri).items()}
+    ds = read_parquet(join(run_dir, "features", "customers"), storage, columns=["split"])
+    per_block = ds.map_batches(_split_value_counts, batch_format="pyarrow").to_pandas()
+    found = per_block.groupby("split")["n"].sum()
+    return {s: int(found.get(s, 0)) for s in SPLITS}
+
+
+def _split_value_counts(batch: pa.Table) -> pa.Table:
+    counts = pc.value_counts(batch["split"])
+    return pa.table(
+        {
+            "split": counts.field("values").cast(pa.string()),
+            "n": counts.field("counts").cast(pa.int64()),
+        }
+    )
 
 
 def _with_customer_attributes(customers, storage: Storage, run_dir: str, num_partitions: int):

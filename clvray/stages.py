@@ -26,7 +26,13 @@ import pyarrow.parquet as pq
 from clvray import btyd, observability
 from clvray import evaluate as evaluation
 from clvray.contract import as_utc
-from clvray.features import FEATURES, build_features, categorical_columns, resolve_cutoff
+from clvray.features import (
+    FEATURES,
+    build_features,
+    categorical_columns,
+    resolve_cutoff,
+    split_counts,
+)
 from clvray.graph import Stage, StageContext, StageError
 from clvray.ingest import check_time_protocol, ingest
 from clvray.io import count_rows, write_parquet
@@ -87,7 +93,7 @@ def explain_no_customers(ctx: StageContext, folder: str) -> str:
 
 def run_btyd(ctx: StageContext) -> dict:
     customers = ctx.read("features", "customers")
-    n_train = customers.filter(expr="split == 'train'").count()
+    n_train = split_counts(ctx.storage, ctx.run_dir)["train"]
     try:
         btyd.fit_train_btyd(customers, n_train, ctx.storage, ctx.uri("btyd"))
     except Exception as exc:  # a baseline that cannot be fitted is reported, not fatal
@@ -235,11 +241,12 @@ def run_train(ctx: StageContext, variant: str) -> dict:
     from clvray.train import train_models
 
     customers = ctx.read("fuse", variant)
-    n_train = customers.filter(expr="split == 'train'").count()
-    if n_train == 0:
+    # the fused tables hold the features stage's customers, one row each
+    splits = split_counts(ctx.storage, ctx.run_dir)
+    if splits["train"] == 0:
         raise StageError(
             f"train/{variant}: no customer in the train split "
-            f"({customers.count()} customers; features.valid_share and test_share leave none)"
+            f"({sum(splits.values())} customers; features.valid_share and test_share leave none)"
         )
     models = train_models(
         customers,
@@ -274,6 +281,7 @@ def run_evaluate(ctx: StageContext, variants: list[str], primary: str, topics: b
         primary,
         cutoff_of(ctx),
         ctx.info("ingest")["counts"],
+        split_counts(ctx.storage, ctx.run_dir),
         btyd_fit=fit,
         btyd_error=ctx.info("btyd").get("error"),
     )

@@ -223,13 +223,14 @@ def _train_loop(config: dict) -> None:
     categories = config["categories"]
     # Sorted by customer: the boosters must not depend on the order (or the blocks) in which
     # Ray Data delivers rows, or the same config and seed would give different models.
-    train_df, valid_df = (
-        ray.train.get_dataset_shard(split)
+    shard = (
+        ray.train.get_dataset_shard("customers")
         .materialize()
         .to_pandas()
         .sort_values("customer_id", kind="stable")
-        .reset_index(drop=True)
-        for split in ("train", "valid")
+    )
+    train_df, valid_df = (
+        shard[shard["split"] == split].reset_index(drop=True) for split in ("train", "valid")
     )
     results: dict[str, dict] = {}
     boosters = {}
@@ -265,8 +266,9 @@ def _train_loop(config: dict) -> None:
         ray.train.report(flat)
 
 
-def _split(batch: pd.DataFrame, split: str, columns: list[str]) -> pd.DataFrame:
-    return batch.loc[batch["split"] == split, columns]
+def _model_rows(batch: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Train and valid customers, the model's columns and `split`."""
+    return batch.loc[batch["split"].isin(("train", "valid")), [*columns, "split"]]
 
 
 def _calibration_columns(batch: pd.DataFrame, model_uri: str, storage: Storage) -> pd.DataFrame:
@@ -429,16 +431,15 @@ def train_models(
     from ray.train.xgboost import XGBoostTrainer
 
     columns = ["customer_id", *features, "future_value", "churned"]
-    train_ds = customers.map_batches(
-        _split, batch_format="pandas", fn_kwargs={"split": "train", "columns": columns}
-    )
-    valid_ds = customers.map_batches(
-        _split, batch_format="pandas", fn_kwargs={"split": "valid", "columns": columns}
-    )
     # Materialized before the trainer starts: workers that hold every CPU would otherwise wait
     # forever for the map tasks feeding their shards (2 workers of 1 CPU on a 2-CPU node).
     # One row per customer and only the model's columns: bounded by the customer count.
-    train_ds, valid_ds = train_ds.materialize(), valid_ds.materialize()
+    # Train and valid customers are one dataset: one split coordinator in Ray Train, not two.
+    rows = customers.map_batches(
+        _model_rows, batch_format="pandas", fn_kwargs={"columns": columns}
+    ).materialize()
+    train_ds = rows.filter(expr="split == 'train'")
+    valid_ds = rows.filter(expr="split == 'valid'")
     categories = fit_categories(train_ds, categorical_columns(features))
     params = model_params(cfg, seed)
     candidates = value_candidates(cfg.value_model, features)
@@ -463,7 +464,7 @@ def train_models(
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": train_ds, "valid": valid_ds},
+        datasets={"customers": rows},
     )
     result = trainer.fit()
     out = join(run_dir, "models", variant)

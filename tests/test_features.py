@@ -196,7 +196,7 @@ def test_build_features_on_ray_equals_one_pass_over_all_events(ray_local, tmp_pa
 
     from clvray.config import SyntheticSection, load_config
     from clvray.contract import REVIEWS, TRANSACTIONS
-    from clvray.features import build_features
+    from clvray.features import build_features, split_counts
     from clvray.storage import Storage
     from clvray.synth import generate_chunk
 
@@ -235,6 +235,12 @@ def test_build_features_on_ray_equals_one_pass_over_all_events(ray_local, tmp_pa
         set(ingested["reviews"]["customer_id"]) - set(ingested["transactions"]["customer_id"])
     )
     pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
+    # the split counts later stages read instead of the table, as the buckets counted them and
+    # as one pass over the written table counts them (the fallback for older runs)
+    want_splits = got["split"].value_counts().reindex(["train", "valid", "test"]).to_dict()
+    assert split_counts(Storage(), str(run_dir)) == want_splits
+    (run_dir / "features" / "splits.json").unlink()
+    assert split_counts(Storage(), str(run_dir)) == want_splits
 
 
 def test_population_counts_every_customer_seen_by_reason():

@@ -154,7 +154,8 @@ def test_job_submit_succeeds_and_writes_its_stages(ray_head, tmp_path):
 def test_score_job_submitted_reproduces_the_training_scores(ray_head, text_run, tmp_path):
     """jobs/score.py through `ray job submit`, with the session's text run as the model run, as
     of its cutoff: the fine-tuned encoder, the text reduction, the boosters and the segment
-    edges applied on the head's own workers give the training run's scores."""
+    edges applied on the head's own workers give the training run's scores. With another seed
+    than the training run's (7, not 0): scoring does not depend on it."""
     import numpy as np
 
     address, env = ray_head
@@ -164,7 +165,7 @@ def test_score_job_submitted_reproduces_the_training_scores(ray_head, text_run, 
     done = _submit(address, env, "clvray-score", [
         "python", "jobs/score.py", "--model-run", str(run_dir), "--as-of", metrics["cutoff"],
         "--storage", str(tmp_path), "--run-id", "submitted-score",
-        "--set", "ray.shared_local_storage=true",
+        "--set", "ray.shared_local_storage=true", "--set", "run.seed=7",
         "--set", "data.source=contract_parquet",
         "--set", f"data.transactions={data / 'transactions'}",
         "--set", f"data.reviews={data / 'reviews'}",

@@ -203,6 +203,43 @@ def test_text_run_holds_the_ablation_and_topics(pipeline_run):
     assert counts["reviews_truncated"] == int(table["truncated"].sum())
 
 
+def test_text_defaults_search_reads_the_shipped_models(pipeline_run, tmp_path, monkeypatch):
+    """bench/text_defaults.py on a copy of the shared run, with the one grid point that is the
+    run's own config: every stage is the run's (nothing re-runs), and its row holds the
+    fine-tuned model's valid-split numbers from meta.json and the test lift from metrics.json."""
+    import shutil
+
+    import bench.common as common
+    import bench.text_defaults as search
+
+    run_dir, argv = pipeline_run
+    copy = run_dir.parent / "e2e-text-defaults"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run_dir, copy, symlinks=True)
+    grid_keys = ("text.finetune.target", "text.embed.reduce_dim", "text.topics.as_features")
+    sets = [v for k, v in zip(argv, argv[1:], strict=False) if k == "--set"]
+    sets = [v for v in sets if not v.startswith(grid_keys)]
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    point = ["--targets", "churn", "--dims", "4", "--topics", "true"]
+    options = ["--storage", str(run_dir.parent), "--run-id", copy.name, *point]
+    assert search.main([*options, *[a for v in sets for a in ("--set", v)]]) == 0
+    ran = json.loads((copy / "metrics.json").read_text())["ran_stages"]
+    shutil.rmtree(copy)
+    assert ran == []
+    out = json.loads((tmp_path / "text_defaults.json").read_text())
+    (row,) = out["rows"]
+    meta = json.loads((run_dir / "models" / "gbm_text_finetuned" / "meta.json").read_text())
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    chosen = meta["value_model"]["chosen"]
+    assert row["value_model"] == chosen
+    assert row["valid_gini"] == meta["value_model"]["valid"][chosen]["normalized_gini"]
+    assert row["valid_churn_logloss"] == meta["results"]["churn"]["valid_logloss"]
+    assert row["lift"] == metrics["text_lift"]["gbm_text_finetuned"]
+    assert row["test_gini"] == metrics["ablation"]["gbm_text_finetuned"]["normalized_gini"]
+    assert out["pick_on_valid"] == {"target": "churn", "dims": 4, "topics_as_features": True}
+    assert out["machine"]["cores"]
+
+
 def test_training_again_gives_the_same_scores(pipeline_run):
     """Same config and seed, trained again (Ray Data delivers the rows anew, in its own order
     and blocks): `scores/` must be identical, value for value. Run on a copy of the shared run
