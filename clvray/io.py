@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv as _csv_module
 import json
+import os
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -96,7 +97,7 @@ def read_input(
                 explicit_schema=schema, unexpected_field_behavior="infer"
             ),
         )
-    return ray.data.read_parquet(path, filesystem=fs)
+    return _ray_read_parquet(path, fs)
 
 
 def _csv_header(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -106,9 +107,26 @@ def _csv_header(fs: pafs.FileSystem, path: str) -> list[str]:
 
 
 def read_parquet(uri: str, storage: Storage, columns: list[str] | None = None):
+    fs, path = storage.filesystem(uri)
+    return _ray_read_parquet(path, fs, columns)
+
+
+DATASOURCE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
+
+
+def _ray_read_parquet(path: str, fs: pafs.FileSystem, columns: list[str] | None = None):
+    """`ray.data.read_parquet` through Ray Data's first parquet datasource, unless the user
+    chose one with `RAY_DATA_USE_DATASOURCE_V2`.
+
+    Ray 2.60's default (V2) lists every read through a fresh pool of `FooterReader` actors
+    (up to 32, each a new Python process) before a row is read. A run reads parquet dozens of
+    times, mostly small stage outputs: on 2 cores that pool was a quarter of a 400-customer
+    behavioural run's CPU time, and evaluate took 10-20 s instead of 2 (bench/stage_overhead.py).
+    The first datasource reads footers on the driver, or in tasks for many files."""
     import ray.data
 
-    fs, path = storage.filesystem(uri)
+    if DATASOURCE_V2_ENV not in os.environ:
+        ray.data.DataContext.get_current().use_datasource_v2 = False
     return ray.data.read_parquet(path, filesystem=fs, columns=columns)
 
 
