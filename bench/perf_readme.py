@@ -50,6 +50,13 @@ SECTIONS = {
         None,
         "",
     ),
+    "stage_overhead": (
+        "Fixed cost per stage: a 400-customer behavioural run, by parquet datasource",
+        None,
+        "Each run in its own process and local Ray, sides alternating; `busy_cpu_s` is the whole "
+        "machine's busy CPU while it ran. Ray 2.60's default datasource (V2) starts a pool of "
+        "`FooterReader` actors for every parquet read; clvray reads through the first one.",
+    ),
     "serve": (
         "Serving: Ray Serve over HTTP vs the same scorer in-process",
         None,
