@@ -125,9 +125,19 @@ def _ray_read_parquet(path: str, fs: pafs.FileSystem, columns: list[str] | None 
     The first datasource reads footers on the driver, or in tasks for many files."""
     import ray.data
 
+    ctx = ray.data.DataContext.get_current()
     if DATASOURCE_V2_ENV not in os.environ:
-        ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns)
+        ctx.use_datasource_v2 = False
+    # Its file sampling (at creation) draws a progress bar of its own on the terminal: off
+    # while the dataset is created, back on (if it was) for the dataset's executions.
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    finally:
+        ctx.enable_progress_bars = bars
+    ds.context.enable_progress_bars = bars
+    return ds
 
 
 def write_parquet(ds, uri: str, storage: Storage, schema: pa.Schema | None = None) -> None:

@@ -205,3 +205,35 @@ def test_amazon_json_lines_gz_counts_add_up(ray_local, tmp_path):
     assert reviews["text"].iloc[1] == "Bad. Broke in a week"  # summary + text
     amounts = read_parquet(f"{run_dir}/ingest/transactions", Storage()).to_pandas()["amount"]
     assert (amounts == 1.0).all()  # a review is a purchase of value 1
+
+
+@pytest.mark.parametrize("chosen", [None, "1"])
+def test_parquet_reads_use_the_first_datasource_unless_the_user_chose(
+    ray_local, tmp_path, monkeypatch, chosen
+):
+    """clvray.io reads parquet through Ray Data's first datasource (no FooterReader actor pool
+    per read); `RAY_DATA_USE_DATASOURCE_V2`, when set, decides. Either way the datasource's
+    sampling bar is off while the dataset is created, and the dataset keeps the caller's
+    progress-bar setting for its own executions."""
+    import ray.data
+
+    from clvray.io import DATASOURCE_V2_ENV
+
+    if chosen is None:
+        monkeypatch.delenv(DATASOURCE_V2_ENV, raising=False)
+    else:
+        monkeypatch.setenv(DATASOURCE_V2_ENV, chosen)
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for i in range(3):
+        pq.write_table(
+            pa.table({"customer_id": [f"c{i}", f"d{i}"], "x": [i, 2 * i]}), folder / f"{i}.parquet"
+        )
+    ds = read_parquet(str(folder), Storage(), columns=["customer_id"])
+    assert ctx.use_datasource_v2 is (chosen is not None)
+    assert ctx.enable_progress_bars and ds.context.enable_progress_bars
+    got = ds.to_pandas().sort_values("customer_id")["customer_id"].tolist()
+    assert got == ["c0", "c1", "c2", "d0", "d1", "d2"]
