@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 # wheel, which uv does not look for). On other machines add the CPU index, e.g.
 # TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
-# uv installs the locked set: parallel downloads, no resolution at install time.
+# uv installs the locked set: parallel downloads, no resolution at install time, bytecode
+# compiled once (with PYTHONDONTWRITEBYTECODE set, as on CI, every Ray worker would otherwise
+# compile ray, pandas, torch... again at import).
 UV_SPEC := uv==0.13.9
 # Where `make lock` finds the CPU torch wheel, so the lock holds its dependencies and not the
 # CUDA build's nvidia-* packages. Elsewhere: TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu
@@ -23,7 +25,7 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(UV_SPEC)
 	$(BIN)/pip install --quiet --no-deps $(TORCH_SPEC)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK)
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r $(LOCK)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
