@@ -25,10 +25,14 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 EXCLUDES = [".git", ".venv", "runs", "data", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are chosen (one at a time,
+    the OS can hand the same port out twice, and Ray refuses a head whose components share one)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _head_processes(temp_dir: str, gcs_address: str) -> list[psutil.Process]:
@@ -71,16 +75,16 @@ def ray_head():
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash, listen, grpc, metrics, runtime_env, client = _free_ports(7)
     gcs_address = f"127.0.0.1:{port}"
     # The session's own local Ray (other tests) already holds the default agent ports; a head
     # whose dashboard agent cannot bind them never gets an agent ("No available agent").
     agent_ports = [
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={listen}",
+        f"--dashboard-agent-grpc-port={grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--ray-client-server-port={client}",
     ]
     try:
         started = subprocess.run(
