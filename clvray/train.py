@@ -439,7 +439,8 @@ def train_models(
         _model_rows, batch_format="pandas", fn_kwargs={"columns": columns}
     ).materialize()
     train_ds = rows.filter(expr="split == 'train'")
-    valid_ds = rows.filter(expr="split == 'valid'")
+    # materialized: the model choice counts it, then predicts on it
+    valid_ds = rows.filter(expr="split == 'valid'").materialize()
     categories = fit_categories(train_ds, categorical_columns(features))
     params = model_params(cfg, seed)
     candidates = value_candidates(cfg.value_model, features)
