@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import xgboost as xgb
 import yaml
 
 from clvray import btyd, metrics
 from clvray.config import TrainSection
 from clvray.features import FEATURES, categorical_columns
 from clvray.storage import Storage
-from clvray.train import SPEND_FLOOR, feature_matrix, model_params
+from clvray.train import feature_matrix, fit_local, model_params
 
 CANDIDATES: dict[str, dict] = {
     "tweedie p1.3 d5 (shipped tweedie)": {"value_model": "tweedie"},
@@ -57,44 +56,31 @@ def _categories(train: pd.DataFrame, columns: list[str]) -> dict[str, list[str]]
     return out
 
 
-def _fit(params: dict, tr, va, features, cats, label_fn, rounds, early):
-    d_tr = feature_matrix(tr, features, cats, label=label_fn(tr))
-    d_va = feature_matrix(va, features, cats, label=label_fn(va))
-    b = xgb.train(
-        params,
-        d_tr,
-        rounds,
-        evals=[(d_va, "valid")],
-        early_stopping_rounds=early,
-        verbose_eval=False,
-    )
-    return b, (0, b.best_iteration + 1)
-
-
 def predict_candidate(df: pd.DataFrame, features: list[str], cfg: TrainSection) -> np.ndarray:
     """Point value of one candidate for every row of `df` (fitted on its train split)."""
     params = model_params(cfg, seed=0)
-    tr, va = df[df["split"] == "train"], df[df["split"] == "valid"]
-    cats = _categories(tr, categorical_columns(features))
+    cats = _categories(df[df["split"] == "train"], categorical_columns(features))
+    plan = {
+        "features": features,
+        "categories": cats,
+        "subsample": cfg.subsample,
+        "seed": 0,
+        "num_boost_round": cfg.num_boost_round,
+        "early_stopping_rounds": cfg.early_stopping_rounds,
+    }
+    names = ["value"] if cfg.value_model == "tweedie" else ["churn", "spend"]
+    boosters, _ = fit_local(
+        df[df["split"] != "test"], plan, {n: params[n] for n in names}, cfg.sample_customers
+    )
     d_all = feature_matrix(df, features, cats)
+
+    def predict(name: str) -> np.ndarray:
+        b = boosters[name]
+        return b.predict(d_all, iteration_range=(0, b.best_iteration + 1))
+
     if cfg.value_model == "tweedie":
-        b, r = _fit(
-            params["value"], tr, va, features, cats,
-            lambda x: np.clip(x["future_value"].to_numpy(float), 0, None),
-            cfg.num_boost_round, cfg.early_stopping_rounds,
-        )  # fmt: skip
-        return b.predict(d_all, iteration_range=r)
-    c, rc = _fit(
-        params["churn"], tr, va, features, cats,
-        lambda x: x["churned"].to_numpy(float), cfg.num_boost_round, cfg.early_stopping_rounds,
-    )  # fmt: skip
-    buyers = lambda x: x[x["churned"] == 0]  # noqa: E731
-    s, rs = _fit(
-        params["spend"], buyers(tr), buyers(va), features, cats,
-        lambda x: np.clip(x["future_value"].to_numpy(float), SPEND_FLOOR, None),
-        cfg.num_boost_round, cfg.early_stopping_rounds,
-    )  # fmt: skip
-    return (1 - c.predict(d_all, iteration_range=rc)) * s.predict(d_all, iteration_range=rs)
+        return predict("value")
+    return (1 - predict("churn")) * predict("spend")
 
 
 def load_cutoff(run_dir: Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:

@@ -4,8 +4,9 @@ one process with the same threads, on the same per-customer features.
     python bench/xgb_train.py --features runs/bench_features/tx10000000 [--num-workers 2]
     python bench/xgb_train.py --quick        # 3,000 synthetic customers, what the tests run
 
-Both sides fit clvray's three boosters (value, churn, quantiles) with the same parameters, the
-same train / valid split and early stopping; then both predict the test split and the metrics
+Both sides fit clvray's boosters with the same recipe (`clvray.train.fit_booster`: parameters,
+global bin edges, base scores, hash-drawn rows, train / valid split and early stopping; the
+single side through `fit_local`); then both predict the test split and the metrics
 (normalized Gini of value, churn ROC-AUC) are compared. Each side runs in its own process.
 """
 
@@ -70,40 +71,36 @@ def _clvray_child(args) -> dict:
         trained = train_models(ds, features, cfg, Storage(), run_dir, "bench", seed=0)
     boosters = Boosters(trained.uri, Storage())
     test = df[df["split"] == "test"]
-    pred = boosters.predict(test)
+    d = boosters._dmatrix(test)
+    value = boosters.models["value"].predict(d, iteration_range=boosters._range("value"))
     return {
         "startup_s": start.seconds,
         "fit_s": t.seconds,
         "customers": len(df),
-        **_metrics(test, pred["future_value_pred"], pred["churn_prob"]),
+        **_metrics(test, value, boosters._churn(d)),
         "best_iterations": {k: v["best_iteration"] for k, v in trained.results.items()},
     }
 
 
 def _single_child(args) -> dict:
-    import xgboost as xgb
-
     from clvray.config import TrainSection
-    from clvray.train import _labels, feature_matrix, model_params
+    from clvray.train import feature_matrix, fit_local, model_params
 
     df, features = _load(args.features)
     cfg = TrainSection(cpus_per_worker=args.num_cpus)
     params = model_params(cfg, seed=0)
-    train, valid = df[df["split"] == "train"], df[df["split"] == "valid"]
+    plan = {
+        "features": features,
+        "categories": {},
+        "subsample": cfg.subsample,
+        "seed": 0,
+        "num_boost_round": cfg.num_boost_round,
+        "early_stopping_rounds": cfg.early_stopping_rounds,
+    }
     test = df[df["split"] == "test"]
-    boosters = {}
     with Timer() as t:
-        for name, p in params.items():
-            dtrain = feature_matrix(train, features, {}, label=_labels(train, name, p))
-            dvalid = feature_matrix(valid, features, {}, label=_labels(valid, name, p))
-            boosters[name] = xgb.train(
-                p,
-                dtrain,
-                num_boost_round=cfg.num_boost_round,
-                evals=[(dvalid, "valid")],
-                early_stopping_rounds=cfg.early_stopping_rounds,
-                verbose_eval=False,
-            )
+        # clvray's recipe (edges, base scores, row draws) in this process: the same boosters
+        boosters, results = fit_local(df[df["split"] != "test"], plan, params, cfg.sample_customers)
     dtest = feature_matrix(test, features, {})
 
     def predict(name):
@@ -114,7 +111,7 @@ def _single_child(args) -> dict:
         "fit_s": t.seconds,
         "customers": len(df),
         **_metrics(test, predict("value"), predict("churn")),
-        "best_iterations": {k: int(b.best_iteration) for k, b in boosters.items()},
+        "best_iterations": {k: int(r["best_iteration"]) for k, r in results.items()},
     }
 
 

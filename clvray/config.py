@@ -283,6 +283,15 @@ class TrainSection(_Strict):
     max_depth: int = Field(5, gt=0)
     eta: float = Field(0.05, gt=0)
     subsample: float = Field(0.9, gt=0, le=1)
+    """Share of train customers each boosting round of the value, churn and spend boosters
+    sees. The draw is a hash of the customer id, the seed and the round (not XGBoost's own
+    per-worker sampler), so the model does not depend on how customers are spread over
+    workers."""
+    sample_customers: int = Field(200_000, gt=0)
+    """Train and valid customers (a stable hash sample; all of them below this) behind the
+    global bin edges, the boosters' starting values and the quantile (interval) booster, which
+    is fitted in one process: XGBoost's distributed quantile leaves average per-worker
+    quantiles, so a multi-worker fit would depend on the number of workers."""
     value_objective: Literal["reg:tweedie", "reg:squarederror", "reg:pseudohubererror"] = (
         "reg:tweedie"
     )

@@ -137,20 +137,26 @@ def as_utc(ts: Any) -> pd.Timestamp:
     return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
 
 
-def unit_hash(
+def id_hash64(
     values: pa.ChunkedArray | pa.Array | np.ndarray | pd.Series | list, salt: str = ""
 ) -> np.ndarray:
-    """The one stable hash of ids: a uniform number in [0, 1) per value, the same on every
-    node, run and Python process (SipHash with a fixed key, vectorised; never Python's salted
-    `hash`). `salt` gives independent draws for different purposes (the split, samples)."""
+    """The one stable hash of ids: a uint64 per value, the same on every node, run and Python
+    process (SipHash with a fixed key, vectorised; never Python's salted `hash`). `salt` gives
+    independent hashes for different purposes (the split, samples)."""
     arr = (
         values.to_numpy(zero_copy_only=False)
         if isinstance(values, (pa.Array, pa.ChunkedArray))
         else np.asarray(values)
     )
     key = hashlib.md5(f"clvray:{salt}".encode()).hexdigest()[:16]
-    h = pd.util.hash_array(arr.astype(object), hash_key=key)
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return pd.util.hash_array(arr.astype(object), hash_key=key)
+
+
+def unit_hash(
+    values: pa.ChunkedArray | pa.Array | np.ndarray | pd.Series | list, salt: str = ""
+) -> np.ndarray:
+    """`id_hash64` as a uniform number in [0, 1) per value."""
+    return (id_hash64(values, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 # ---------------------------------------------------------------------------------- strings

@@ -15,6 +15,14 @@ Categorical features (`cat_*` columns, strings) use XGBoost's native categorical
 column's categories are fitted on train customers only (the `MAX_CATEGORIES` most frequent
 values), saved in `meta.json` and applied identically on every worker and at scoring time:
 any other value, unseen ones included, is missing.
+
+The same config and seed give the same boosters whatever the number of workers or blocks
+(`fit_booster`): every worker bins the numeric features onto one set of edges (quantiles of a
+hash sample of train customers, `MAX_BIN - 1` at most, so XGBoost's distributed sketch is
+exact and its cuts are those edges), starts from one base score per booster computed from
+that sample, and samples rows per round by a hash of the customer id instead of XGBoost's
+per-worker sampler. The quantile booster, whose distributed leaves average per-worker
+quantiles, is fitted in one process on that sample (`train.sample_customers`).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,6 +65,12 @@ ceil((n+1)*0.8)-th score, too noisy below this."""
 MODEL_FORMAT = 1
 """Version of what `models/<variant>/` holds and means (meta.json keys, booster files, feature
 definitions). `clvray.model_run` refuses a run saved with another format."""
+MAX_BIN = 256
+"""XGBoost's `max_bin`. Numeric features are floored onto at most `MAX_BIN - 1` global edges,
+so each feature has fewer distinct values than bins and XGBoost's cuts are exactly the edges
+on one worker or many."""
+DISTRIBUTED = ("value", "churn", "spend")
+"""Boosters fitted by the Ray Train workers together; `quantiles` is fitted in one process."""
 MAX_CATEGORIES = 64
 """Categories kept per categorical feature: its most frequent values among train customers
 (ties by value). Rarer values carry too few customers to split on and would make scoring
@@ -150,9 +165,9 @@ def feature_matrix(
 def _base_params(cfg: TrainSection) -> dict:
     return {
         "tree_method": "hist",
+        "max_bin": MAX_BIN,
         "max_depth": cfg.max_depth,
         "eta": cfg.eta,
-        "subsample": cfg.subsample,
         "min_child_weight": 2.0,
         "nthread": max(1, int(cfg.cpus_per_worker)),
         "device": "cuda" if cfg.use_gpu else "cpu",
@@ -161,7 +176,9 @@ def _base_params(cfg: TrainSection) -> dict:
 
 def model_params(cfg: TrainSection, seed: int) -> dict[str, dict]:
     """XGBoost params of each booster the configured `value_model` needs (`value` for tweedie,
-    `spend` for hurdle, both for auto; `churn` and `quantiles` always)."""
+    `spend` for hurdle, both for auto; `churn` and `quantiles` always). `train.subsample` is
+    applied by `fit_booster` (a hash of the customer id per round), not by XGBoost, whose
+    own `subsample` is 1 here."""
     base = {**_base_params(cfg), "seed": seed}
     value = {**base, "objective": cfg.value_objective, "eval_metric": "rmse"}
     if cfg.value_objective == "reg:tweedie":
@@ -184,6 +201,8 @@ def model_params(cfg: TrainSection, seed: int) -> dict[str, dict]:
         "objective": "reg:quantileerror",
         "quantile_alpha": list(cfg.quantiles),
     }
+    for p in params.values():
+        p["subsample"] = 1.0  # drawn by fit_booster instead
     return params
 
 
@@ -214,46 +233,253 @@ def _labels(df: pd.DataFrame, model: str, params: dict) -> np.ndarray:
     return np.clip(y, 0, None) if params.get("objective") == "reg:tweedie" else y
 
 
-def _train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker: fit the three boosters on this worker's shards."""
-    import ray.train
+def numeric_features(features: list[str], categories: dict[str, list[str]]) -> list[str]:
+    """The features binned onto global edges: every one that is not categorical."""
+    return [f for f in features if f not in categories]
+
+
+def bin_edges(df: pd.DataFrame, columns: list[str], max_bin: int = MAX_BIN) -> dict[str, list]:
+    """Per column, at most `max_bin - 1` edges: distinct values of `df` at evenly spaced
+    quantile levels from the minimum up (each edge is a value of `df`); [] for a column with
+    no finite value."""
+    levels = np.linspace(0.0, 1.0, max_bin)[:-1]
+    out: dict[str, list] = {}
+    for c in columns:
+        v = df[c].to_numpy("float64")
+        v = v[np.isfinite(v)]
+        out[c] = np.unique(np.quantile(v, levels, method="lower")).tolist() if len(v) else []
+    return out
+
+
+def floor_to_edges(df: pd.DataFrame, edges: dict[str, list]) -> pd.DataFrame:
+    """`df` with each column of `edges` replaced by its largest edge <= the value (the lowest
+    edge below them all; missing stays missing).
+
+    A booster fitted on floored values splits on edges (XGBoost's cuts are the distinct
+    values) and sends `x` left when `x < edge`: for any edge that holds for the raw value
+    exactly when it holds for its floor, so the booster predicts raw features as it would the
+    floored ones, and scoring needs no edges (tested)."""
+    out = df.copy()
+    for column, e in edges.items():
+        if not e:
+            continue
+        a = np.asarray(e, dtype="float64")
+        v = out[column].to_numpy("float64")
+        idx = np.clip(np.searchsorted(a, v, side="right") - 1, 0, None)
+        out[column] = np.where(np.isnan(v), np.nan, a[np.minimum(idx, len(a) - 1)])
+    return out
+
+
+def base_scores(train: pd.DataFrame, params: dict[str, dict]) -> dict[str, float]:
+    """One starting value per distributed booster (XGBoost's `base_score`): the mean of its
+    labels over `train` (rows sorted by customer, so the float sum is always the same), kept
+    inside the objective's domain. XGBoost would otherwise estimate it on every worker's
+    shard and combine them, which depends on the number of workers."""
+    out = {}
+    for name in DISTRIBUTED:
+        if name not in params:
+            continue
+        y = _labels(_rows(train, name), name, params[name])
+        m = float(np.mean(y)) if len(y) else 0.5
+        objective = params[name]["objective"]
+        if objective == "binary:logistic":
+            m = min(max(m, 1e-6), 1.0 - 1e-6)
+        elif objective in ("reg:tweedie", "reg:gamma"):
+            m = max(m, 1e-6)
+        out[name] = m
+    return out
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def round_mask(keys: np.ndarray, boosting_round: int, fraction: float) -> np.ndarray:
+    """0/1 weights: which rows (by their `id_hash64` keys) the round `boosting_round` sees, a
+    share `fraction` of them; independent draws per round (a SplitMix64 finalizer of the key
+    and the round)."""
+    h = keys ^ np.uint64(((boosting_round + 1) * _GOLDEN) % (1 << 64))
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    h = h ^ (h >> np.uint64(31))
+    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return (u < fraction).astype(np.float32)
+
+
+def _row_sample(dtrain, keys: np.ndarray, fraction: float):
+    """An XGBoost callback that sets the round's row weights (`round_mask`) before each
+    round: what XGBoost's `subsample` does (unsampled rows count zero), drawn globally."""
     import xgboost as xgb
 
-    features = config["features"]
-    categories = config["categories"]
+    class RowSample(xgb.callback.TrainingCallback):
+        def before_iteration(self, model, epoch: int, evals_log) -> bool:
+            dtrain.set_weight(round_mask(keys, epoch, fraction))
+            return False
+
+    return RowSample()
+
+
+def fit_booster(
+    name: str,
+    params: dict,
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    plan: dict,
+) -> tuple[Any, dict]:
+    """One booster fitted on `train` (early stopping on `valid`), in one process or, inside a
+    Ray Train worker, on every worker's shard together (XGBoost's collective).
+
+    `plan` holds what makes the fit independent of the shards: `features`, `categories`,
+    `edges` (numeric features are floored onto them), `base_scores`, `subsample` and `seed`
+    (the hash-drawn rows per round), `num_boost_round`, `early_stopping_rounds`. Both frames
+    must be sorted by `customer_id`. Returns the booster and its valid result."""
+    import xgboost as xgb
+
+    from clvray.contract import id_hash64
+
+    tr, va = _rows(train, name), _rows(valid, name)
+    edges = plan.get("edges", {})
+    p = dict(params)
+    if name in plan.get("base_scores", {}):
+        p["base_score"] = plan["base_scores"][name]
+    features, categories = plan["features"], plan["categories"]
+    dtrain = feature_matrix(floor_to_edges(tr, edges), features, categories,
+                            label=_labels(tr, name, p))  # fmt: skip
+    dvalid = feature_matrix(floor_to_edges(va, edges), features, categories,
+                            label=_labels(va, name, p))  # fmt: skip
+    callbacks = []
+    fraction = plan.get("subsample", 1.0)
+    if fraction < 1.0:
+        keys = id_hash64(tr["customer_id"], f"subsample:{plan.get('seed', 0)}:{name}")
+        callbacks.append(_row_sample(dtrain, keys, fraction))
+    history: dict = {}
+    booster = xgb.train(
+        p,
+        dtrain,
+        num_boost_round=plan["num_boost_round"],
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=plan["early_stopping_rounds"],
+        evals_result=history,
+        verbose_eval=False,
+        callbacks=callbacks,
+    )
+    metric = next(iter(history["valid"]))
+    # rows of every worker together (one process: this one's)
+    rows = xgb.collective.allreduce(
+        np.array([len(tr), len(va)], dtype=np.float64), xgb.collective.Op.SUM
+    )
+    result = {
+        "best_iteration": int(booster.best_iteration),
+        f"valid_{metric}": float(history["valid"][metric][booster.best_iteration]),
+        "train_rows": int(rows[0]),
+        "valid_rows": int(rows[1]),
+    }
+    return booster, result
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values("customer_id", kind="stable").reset_index(drop=True)
+
+
+def _splits(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    df = _sorted(df)
+    return tuple(  # type: ignore[return-value]
+        df[df["split"] == split].reset_index(drop=True) for split in ("train", "valid")
+    )
+
+
+def prepare(sample: pd.DataFrame, plan: dict, params: dict[str, dict]) -> dict:
+    """The shard-independent part of `plan` from the train customers of `sample` (a hash
+    sample of train + valid customers): global bin edges and base scores."""
+    train, _ = _splits(sample)
+    numeric = numeric_features(plan["features"], plan["categories"])
+    return {
+        **plan,
+        "edges": bin_edges(train, numeric),
+        "base_scores": base_scores(train, params),
+    }
+
+
+def fit_quantiles(sample: pd.DataFrame, plan: dict, params: dict) -> tuple[bytes, dict]:
+    """The quantile booster fitted in one process on `sample`'s train customers (early
+    stopping on its valid ones); its saved bytes (UBJSON) and valid result."""
+    train, valid = _splits(sample)
+    booster, result = fit_booster("quantiles", params, train, valid, plan)
+    result["customers"] = int(len(train))
+    return bytes(booster.save_raw("ubj")), result  # type: ignore[attr-defined]
+
+
+def sample_share(n_rows: int, sample_customers: int) -> float:
+    """Share of customers in the hash sample behind `prepare` and `fit_quantiles`."""
+    return 1.0 if n_rows <= sample_customers else sample_customers / n_rows
+
+
+def in_sample(batch: pd.DataFrame, share: float) -> pd.DataFrame:
+    """The rows of `batch` in the stable hash sample of customers (a `map_batches` function)."""
+    from clvray.contract import unit_hash
+
+    if share >= 1.0:
+        return batch
+    return batch[unit_hash(batch["customer_id"], "train-sample") < share]
+
+
+def fit_local(
+    df: pd.DataFrame, plan: dict, params: dict[str, dict], sample_customers: int
+) -> tuple[dict, dict]:
+    """Every booster of `params` fitted in this process the way `train_models` fits them on
+    Ray Train workers (same sample, edges, base scores and row draws): the boosters by name
+    and their results. For benchmarks and tests; `df` holds train and valid customers."""
+    sample = in_sample(df, sample_share(len(df), sample_customers))
+    plan = prepare(sample, plan, params)
+    train, valid = _splits(df)
+    boosters: dict[str, Any] = {}
+    results: dict[str, dict] = {}
+    for name, p in params.items():
+        if name == "quantiles":
+            raw, results[name] = fit_quantiles(sample, plan, p)
+            import xgboost as xgb
+
+            boosters[name] = xgb.Booster(model_file=bytearray(raw))
+        else:
+            boosters[name], results[name] = fit_booster(name, p, train, valid, plan)
+    return boosters, results
+
+
+def _every_row_config():
+    """Ray Train's dataset config with every row kept: its default splits a dataset over
+    workers with `equal=True`, which drops up to `num_workers - 1` rows to even the shards.
+    XGBoost needs no equal shards (a torch loop does: DDP's collectives hang on uneven
+    batches), so the boosters' shards are split with `equal=False`."""
+    import ray.train
+
+    class EveryRow(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out: list[dict] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self.default_ingest_options()
+                splits = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+                for i, split in enumerate(splits):
+                    out[i][name] = split
+            return out
+
+    return EveryRow()
+
+
+def _train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker: fit the distributed boosters on this worker's shard."""
+    import ray.train
+
+    plan = config["plan"]
     # Sorted by customer: the boosters must not depend on the order (or the blocks) in which
     # Ray Data delivers rows, or the same config and seed would give different models.
-    shard = (
-        ray.train.get_dataset_shard("customers")
-        .materialize()
-        .to_pandas()
-        .sort_values("customer_id", kind="stable")
-    )
-    train_df, valid_df = (
-        shard[shard["split"] == split].reset_index(drop=True) for split in ("train", "valid")
-    )
+    shard = ray.train.get_dataset_shard("customers").materialize().to_pandas()
+    if shard.empty:  # more workers than blocks: this one fits on no rows, with the others
+        shard = pd.DataFrame({c: pd.Series(dtype=t) for c, t in config["dtypes"].items()})
+    train_df, valid_df = _splits(shard)
     results: dict[str, dict] = {}
     boosters = {}
     for name, params in config["params"].items():
-        tr, va = _rows(train_df, name), _rows(valid_df, name)
-        dtrain = feature_matrix(tr, features, categories, label=_labels(tr, name, params))
-        dvalid = feature_matrix(va, features, categories, label=_labels(va, name, params))
-        history: dict = {}
-        booster = xgb.train(
-            params,
-            dtrain,
-            num_boost_round=config["num_boost_round"],
-            evals=[(dvalid, "valid")],
-            early_stopping_rounds=config["early_stopping_rounds"],
-            evals_result=history,
-            verbose_eval=False,
-        )
-        metric = next(iter(history["valid"]))
-        results[name] = {
-            "best_iteration": int(booster.best_iteration),
-            f"valid_{metric}": float(history["valid"][metric][booster.best_iteration]),
-        }
-        boosters[name] = booster
+        boosters[name], results[name] = fit_booster(name, params, train_df, valid_df, plan)
     flat = {f"{m}/{k}": v for m, d in results.items() for k, v in d.items()}
     if ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -424,8 +650,10 @@ def train_models(
     train split (`fit_categories`) and saved in meta.json under `categories`.
     Boosters, feature names and order, params and valid metrics are saved together under
     `<run_dir>/models/<variant>/`, with the value model chosen on the valid split
-    (`value_model`) and the conformal offsets of the interval (`conformal`). Cost: one Ray Train run with `cfg.num_workers` workers;
-    each worker holds its shard of train + valid customers in memory as a DMatrix.
+    (`value_model`) and the conformal offsets of the interval (`conformal`). Cost: one Ray
+    Train run with `cfg.num_workers` workers for the value, churn and spend boosters (each
+    worker holds its shard of train + valid customers in memory as a DMatrix), and beside it
+    one task fitting the quantile booster on at most `cfg.sample_customers` customers.
     """
     import ray.train
     from ray.train.xgboost import XGBoostTrainer
@@ -438,21 +666,38 @@ def train_models(
     rows = customers.map_batches(
         _model_rows, batch_format="pandas", fn_kwargs={"columns": columns}
     ).materialize()
+    if rows.num_blocks() < cfg.num_workers:  # shards are whole blocks: one per worker at least
+        rows = rows.repartition(cfg.num_workers).materialize()
     train_ds = rows.filter(expr="split == 'train'")
     # materialized: the model choice counts it, then predicts on it
     valid_ds = rows.filter(expr="split == 'valid'").materialize()
     categories = fit_categories(train_ds, categorical_columns(features))
     params = model_params(cfg, seed)
     candidates = value_candidates(cfg.value_model, features)
+    plan = {
+        "features": features,
+        "categories": categories,
+        "subsample": cfg.subsample,
+        "seed": seed,
+        "num_boost_round": cfg.num_boost_round,
+        "early_stopping_rounds": cfg.early_stopping_rounds,
+    }
+    # The shard-independent parts (edges, base scores) and the quantile booster come from one
+    # hash sample of customers, in tasks: the sample's rows never reach the driver.
+    share = sample_share(rows.count(), cfg.sample_customers)
+    sample = rows.map_batches(in_sample, batch_format="pandas", fn_kwargs={"share": share})
+    sample = sample.materialize()
+    task = ray.remote(num_cpus=cfg.cpus_per_worker)
+    plan = ray.get(task(_prepare_task).remote(sample, plan, params))
+    quantiles = task(_quantiles_task).remote(sample, plan, params["quantiles"])
+    distributed = {k: v for k, v in params.items() if k in DISTRIBUTED}
     fs, storage_path = storage.filesystem(join(run_dir, "ray_train"))
     trainer = XGBoostTrainer(
         _train_loop,
         train_loop_config={
-            "features": features,
-            "categories": categories,
-            "params": params,
-            "num_boost_round": cfg.num_boost_round,
-            "early_stopping_rounds": cfg.early_stopping_rounds,
+            "plan": plan,
+            "params": distributed,
+            "dtypes": {f.name: f.type.to_pandas_dtype() for f in rows.schema().base_schema},
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
@@ -466,6 +711,7 @@ def train_models(
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"customers": rows},
+        dataset_config=_every_row_config(),
     )
     result = trainer.fit()
     out = join(run_dir, "models", variant)
@@ -474,12 +720,26 @@ def train_models(
             results = json.load(f)
         storage.delete_dir(out)
         storage.upload_dir(ckpt, out)
+    raw, results["quantiles"] = ray.get(quantiles)
+    n_valid = valid_ds.count()
+    seen = (results["churn"]["train_rows"], results["churn"]["valid_rows"])
+    if seen != (rows.count() - n_valid, n_valid):
+        raise RuntimeError(
+            f"the boosters saw {seen[0]} train and {seen[1]} valid customers of "
+            f"{rows.count() - n_valid} and {n_valid}: rows were lost between Ray Data and "
+            "the Ray Train workers"
+        )
+    storage.write_bytes(join(out, MODEL_FILES["quantiles"]), raw)
     meta: dict = {
         "variant": variant,
         "features": features,
         "params": params,
         "results": results,
         "candidates": candidates,
+        # How the fit was made independent of workers and blocks (fit_booster)
+        "subsample": {"share": cfg.subsample, "drawn_by": "customer id hash per round"},
+        "sample_customers": {"share": share, "max": cfg.sample_customers},
+        "bin_edges": {k: len(v) for k, v in plan["edges"].items()},
         # What a scorer checks before trusting these boosters (clvray.model_run).
         "model_format": MODEL_FORMAT,
         "clvray_version": clvray_version(),
@@ -502,6 +762,14 @@ def train_models(
         )
     storage.write_json(join(out, "meta.json"), meta)
     return TrainedModels(out, features, results)
+
+
+def _prepare_task(sample, plan: dict, params: dict) -> dict:
+    return prepare(sample.to_pandas(), plan, params)
+
+
+def _quantiles_task(sample, plan: dict, params: dict) -> tuple[bytes, dict]:
+    return fit_quantiles(sample.to_pandas(), plan, params)
 
 
 def clvray_version() -> str:

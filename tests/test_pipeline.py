@@ -240,12 +240,11 @@ def test_text_defaults_search_reads_the_shipped_models(pipeline_run, tmp_path, m
     assert out["machine"]["cores"]
 
 
-def test_training_again_gives_the_same_scores(pipeline_run):
-    """Same config and seed, trained again (Ray Data delivers the rows anew, in its own order
-    and blocks): `scores/` must be identical, value for value. Run on a copy of the shared run
-    (another run id over the same data) with other CPUs per XGBoost worker, which re-runs only
-    the behavioural model and its scores without changing the arithmetic. Another number of
-    workers is another model (each worker sketches and samples its own shard): see README."""
+def test_training_again_on_two_workers_gives_the_same_scores(pipeline_run):
+    """Same config and seed, trained again with two XGBoost workers instead of one (Ray Data
+    delivers the rows anew, in its own order and blocks, and splits them over the workers):
+    `scores/` must be identical, value for value. Run on a copy of the shared run (another run
+    id over the same data), which re-runs only the behavioural model and its scores."""
     import shutil
 
     import jobs.pipeline as job
@@ -255,7 +254,7 @@ def test_training_again_gives_the_same_scores(pipeline_run):
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(run_dir, copy, symlinks=True)
     other = [*argv, "--run-id", copy.name]  # the last --run-id wins
-    other += ["--set", "train.cpus_per_worker=0.5"]
+    other += ["--set", "train.num_workers=2", "--set", "train.cpus_per_worker=0.5"]
     other += ["--only", "train/gbm_behavioural", "--only", "score/gbm_behavioural"]
     assert job.main(other) == 0
     marker = json.loads((copy / "_stages" / "train" / "gbm_behavioural.json").read_text())

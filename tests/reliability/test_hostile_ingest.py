@@ -205,22 +205,53 @@ def _customers(n: int = 600, seed: int = 0) -> pd.DataFrame:
     )
 
 
-def test_training_does_not_depend_on_row_order_or_blocks(ray_local, tmp_path):
+def test_training_does_not_depend_on_row_order_blocks_or_workers(ray_local, tmp_path):
+    """The same config and seed give the same boosters, value for value, whatever the row
+    order, the blocks and the number of Ray Train workers, and the same as `fit_local` in one
+    process. With a sample of 3,000 customers the edges, base scores and quantile booster come
+    from a part of the customers, and the row draw (subsample 0.8) is on."""
     import ray.data
+    import xgboost as xgb
 
-    from clvray.train import Boosters, train_models
+    from clvray.train import Boosters, feature_matrix, fit_local, model_params, train_models
 
-    df = _customers()
-    cfg = load_config(None, ["train.num_boost_round=15", "train.early_stopping_rounds=5"]).train
-    preds = []
-    for k, (seed, blocks) in enumerate([(1, 1), (2, 5)]):
+    # Enough distinct values that XGBoost's sketch would approximate; an odd number of train
+    # and valid customers, of which Ray Train's default split would drop one for 2 workers.
+    df = _customers(20_003)
+    n_train, n_valid = (df["split"] == "train").sum(), (df["split"] == "valid").sum()
+    assert (n_train + n_valid) % 2 == 1
+    features = ["f0", "f1", "f2"]
+    cfg = load_config(None, ["train.num_boost_round=15", "train.early_stopping_rounds=5",
+                             "train.subsample=0.8", "train.sample_customers=3000"]).train  # fmt: skip
+    preds, raw = [], []
+    runs = [(1, 1, 1, 1.0), (2, 5, 2, 0.5)]  # shuffle seed, blocks, workers, CPUs per worker
+    for k, (seed, blocks, workers, cpus) in enumerate(runs):
         shuffled = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
         ds = ray.data.from_items(shuffled.to_dict("records"), override_num_blocks=blocks)
         run_dir = str(tmp_path / f"run-{k}")
-        trained = train_models(ds, ["f0", "f1", "f2"], cfg, Storage(), run_dir, "det", seed=0)
-        preds.append(Boosters(trained.uri, Storage()).predict(df))
+        c = cfg.model_copy(update={"num_workers": workers, "cpus_per_worker": cpus})
+        trained = train_models(ds, features, c, Storage(), run_dir, "det", seed=0)
+        boosters = Boosters(trained.uri, Storage())
+        assert boosters.meta["sample_customers"]["share"] < 1.0
+        for name in ("value", "churn"):
+            got = boosters.meta["results"][name]
+            assert (got["train_rows"], got["valid_rows"]) == (n_train, n_valid), name
+        preds.append(boosters.predict(df))
+        raw.append(
+            {n: b.predict(feature_matrix(df, features, {})) for n, b in boosters.models.items()}
+        )
     for name in preds[0]:
-        np.testing.assert_array_equal(preds[0][name], preds[1][name])
+        np.testing.assert_array_equal(preds[0][name], preds[1][name], err_msg=name)
+    # one process, the same recipe: the same boosters
+    params = model_params(cfg, seed=0)
+    params = {n: p for n, p in params.items() if n in raw[0]}
+    plan = {"features": features, "categories": {}, "subsample": 0.8, "seed": 0,
+            "num_boost_round": 15, "early_stopping_rounds": 5}  # fmt: skip
+    local, _ = fit_local(df[df["split"] != "test"], plan, params, cfg.sample_customers)
+    for name, booster in local.items():
+        got = booster.predict(xgb.DMatrix(df[features]))
+        np.testing.assert_array_equal(got, raw[0][name], err_msg=name)
+        np.testing.assert_array_equal(got, raw[1][name], err_msg=name)
 
 
 def test_corrupt_file_found_inside_a_task_stops_naming_it_or_is_skipped(ray_local, tmp_path):
