@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -63,8 +64,14 @@ def keep_idle_workers(n: int = IDLE_WORKERS) -> None:
     two idle workers, killed the rest a second after they idled and started new ones for the
     next operator, each paying Python's and Ray Data's imports again (one ad-hoc pair of runs on
     2 busy cores, not a benchmark: 405 s with the default, 192 s with 8). A cluster's nodes
-    read the same variable from their environment."""
+    read the same variable from their environment.
+
+    The raylet warns on the driver's terminal ("N PYTHON worker processes have been started
+    ... 4x the maximum expected startup concurrency") once the workers alive reach 4x its
+    startup concurrency, which is the CPU count: on 2 CPUs, 8 workers, so keeping 8 idle
+    crossed it by design. The startup concurrency is raised to `n // 2` with them."""
     os.environ.setdefault("RAY_num_workers_soft_limit", str(n))
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(2, n // 2)))
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -147,9 +154,61 @@ def plan(cfg: Config, until: str | None = None, only: Iterable[str] | None = Non
 
 
 @contextlib.contextmanager
+def native_stderr_to(path: str) -> Iterator[None]:
+    """Send what native code writes to this process's stderr (file descriptor 2) to `path`,
+    while Python's `sys.stderr` (progress bars, clvray's stage lines, tracebacks) still
+    reaches the terminal.
+
+    Ray's C++ core worker in the driver writes its errors straight to descriptor 2, past
+    Python logging: in Ray 2.60 every Ray Data actor pool makes it print one line about
+    "constructor arguments in the object store and max_restarts > 0" (ray#53727). When
+    `sys.stderr` writes to descriptor 2 it is swapped for a stream on a copy of the
+    original descriptor, and logging handlers that wrote to it follow; a `sys.stderr` that
+    writes elsewhere (a test's capture) is left alone."""
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    old = sys.stderr
+    try:
+        swap = old.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        swap = False
+    terminal = None
+    moved: list[logging.StreamHandler] = []
+    if swap:
+        terminal = os.fdopen(
+            os.dup(terminal_fd), "w", buffering=1,
+            encoding=getattr(old, "encoding", None) or "utf-8", errors="backslashreplace",
+        )  # fmt: skip
+        sys.stderr = terminal
+        loggers = [logging.getLogger()] + [
+            v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger)
+        ]
+        for logger in loggers:
+            for h in logger.handlers:
+                if type(h) is logging.StreamHandler and h.stream is old:
+                    h.setStream(terminal)
+                    moved.append(h)
+    try:
+        yield
+    finally:
+        if terminal is not None:
+            terminal.flush()
+            for h in moved:
+                h.setStream(old)
+            sys.stderr = old
+            terminal.close()
+        os.dup2(terminal_fd, 2)
+        os.close(terminal_fd)
+
+
+@contextlib.contextmanager
 def ray_logs_to(path: str) -> Iterator[None]:
-    """Send the driver's Ray log records (Ray Core, Data, Train) to `path` instead of the
-    terminal, for the duration of a run; Ray Data's progress bars still draw on stderr."""
+    """Send the driver's Ray log records (Ray Core, Data, Train) and what its native code
+    writes to stderr (`native_stderr_to`) to `path` instead of the terminal, for the duration
+    of a run; Ray Data's progress bars still draw on stderr."""
     # Ray Data and Ray Train attach their console handlers when imported: import them first.
     import ray.data
     import ray.train  # noqa: F401
@@ -174,7 +233,8 @@ def ray_logs_to(path: str) -> Iterator[None]:
     warnings_logger.propagate = False
     logging.captureWarnings(True)
     try:
-        yield
+        with native_stderr_to(path):
+            yield
     finally:
         logging.captureWarnings(False)
         warnings_logger.removeHandler(handler)

@@ -245,3 +245,45 @@ def test_log_to_mlflow_records_params_metrics_and_artifacts(tmp_path, monkeypatc
     assert model_files == {"models/gbm_behavioural/meta.json", "models/gbm_behavioural/value.ubj"}
     local = client.download_artifacts(run_id, "models/gbm_behavioural/value.ubj", str(tmp_path))
     assert Path(local).read_bytes() == b"\x00booster"
+
+
+def test_native_stderr_goes_to_the_log_and_python_stderr_to_the_terminal(tmp_path):
+    """Ray's C++ core worker writes to descriptor 2 directly: inside `native_stderr_to` that
+    lands in the log file, while `sys.stderr` and a logging handler on it (clvray's stage
+    lines) still reach the process's real stderr, in a process of its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, os, sys\n"
+        "from clvray.pipeline import native_stderr_to\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "with native_stderr_to(sys.argv[1]):\n"
+        "    os.write(2, b'native line\\n')\n"
+        "    logging.getLogger('clvray').info('stage line')\n"
+        "    print('python line', file=sys.stderr)\n"
+        "os.write(2, b'after\\n')\n"
+        "logging.getLogger('clvray').info('stage line after')\n"
+    )
+    log = tmp_path / "ray.log"
+    log.write_text("before\n")
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert log.read_text() == "before\nnative line\n"
+    assert done.stderr == "stage line\npython line\nafter\nstage line after\n"
+
+
+def test_native_stderr_leaves_a_captured_sys_stderr_alone(tmp_path, capsys):
+    import os
+    import sys
+
+    from clvray.pipeline import native_stderr_to
+
+    log = tmp_path / "ray.log"
+    with native_stderr_to(str(log)):
+        os.write(2, b"native\n")
+        print("python", file=sys.stderr)
+    assert log.read_text() == "native\n"
+    assert capsys.readouterr().err == "python\n"
