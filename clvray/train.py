@@ -740,6 +740,7 @@ def train_models(
         "subsample": {"share": cfg.subsample, "drawn_by": "customer id hash per round"},
         "sample_customers": {"share": share, "max": cfg.sample_customers},
         "bin_edges": {k: len(v) for k, v in plan["edges"].items()},
+        "base_scores": plan["base_scores"],
         # What a scorer checks before trusting these boosters (clvray.model_run).
         "model_format": MODEL_FORMAT,
         "clvray_version": clvray_version(),

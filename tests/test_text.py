@@ -363,6 +363,27 @@ def test_finetune_data_respects_cutoff_split_labels_and_cap(churn_sets, text_dat
     )
 
 
+def test_finetune_rows_come_in_one_order_whatever_the_blocks(churn_sets, text_data, tiny_encoder):
+    """The training order (`ORDER`: random chunks by the review's stable draw, each by length)
+    depends on the reviews alone: other input blocks give the same rows in the same order, so
+    the same config and seed fine-tune the same encoder."""
+    from clvray.text.finetune_data import ORDER, build_finetune_datasets
+
+    other = build_finetune_datasets(
+        _ds(text_data["reviews"], 1), _ds(text_data["customers"], 5), churn_sets["cfg"],
+        CUTOFF, Storage(),
+    )  # fmt: skip
+    for split in ("train", "valid"):
+        a = churn_sets["datasets"][split].to_pandas()
+        b = other[split].to_pandas()
+        assert a["review_id"].tolist() == b["review_id"].tolist()
+        assert a["review_id"].tolist() == a.sort_values(ORDER)["review_id"].tolist()
+    train = churn_sets["datasets"]["train"].to_pandas()
+    assert train["_chunk"].is_monotonic_increasing
+    for _, chunk in train.groupby("_chunk"):  # each chunk by length
+        assert chunk["n_tokens"].is_monotonic_increasing
+
+
 def test_finetune_data_fails_at_the_door_on_a_missing_column(ray_local, text_data, tiny_encoder):
     from clvray.text.finetune_data import build_finetune_datasets
 

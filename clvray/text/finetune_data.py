@@ -86,6 +86,20 @@ def with_split(table: pa.Table, split: str) -> pa.Table:
     return table.filter(pc.fill_null(pc.equal(table["split"], split), False))
 
 
+ORDER = ["_chunk", "n_tokens", "_u", "review_id"]
+"""The training order of the fine-tuning rows: random chunks of about
+`embed.tokenize_batch_size` reviews (by `_u`, the stable draw per review id), each by length,
+so batches cut from them need little padding, as in the tokenizer's own blocks. It depends on
+nothing but the reviews, never on the blocks or the order in which a shuffle delivered them:
+the same config and seed fine-tune the same encoder."""
+
+
+def with_chunk(table: pa.Table, n_chunks: int) -> pa.Table:
+    """`_chunk`: which of `n_chunks` equal random chunks (by `_u`) a review falls in."""
+    chunk = np.minimum((table["_u"].to_numpy() * n_chunks).astype(np.int64), n_chunks - 1)
+    return table.append_column("_chunk", pa.array(chunk, type=pa.int64()))
+
+
 def split_counts(table: pa.Table) -> pa.Table:
     used = pc.sum(
         pc.cast(
@@ -148,8 +162,9 @@ def build_finetune_datasets(
     joined = reviews.join(
         customers, join_type="inner", num_partitions=cfg.num_partitions, on=("customer_id",)
     ).map_batches(attach_split, fn_kwargs={"target": target, "salt": salt}, batch_format="pyarrow")
+    joined = joined.materialize()
+    n_rows = joined.count()
     if ft.max_reviews is not None:
-        joined = joined.materialize()
         # Only the sampling keys (at most ~1.2 * max_reviews floats) come to the driver.
         u = np.sort(joined.select_columns(["_u"]).to_pandas()["_u"].to_numpy())
         if len(u) > ft.max_reviews:
@@ -158,9 +173,10 @@ def build_finetune_datasets(
                 fn_kwargs={"column": "_u", "bound": float(u[ft.max_reviews])},
                 batch_format="pyarrow",
             )
+            n_rows = ft.max_reviews
+    n_chunks = max(1, round(n_rows / cfg.embed.tokenize_batch_size))
     tokenized = (
-        joined.drop_columns(["_u"])
-        .map_batches(
+        joined.map_batches(
             tokenize_reviews,
             fn_kwargs={
                 "model": cfg.model,
@@ -170,11 +186,13 @@ def build_finetune_datasets(
             batch_size=cfg.embed.tokenize_batch_size,
             batch_format="pyarrow",
         )
+        .map_batches(with_chunk, fn_kwargs={"n_chunks": n_chunks}, batch_format="pyarrow")
         .materialize()
     )
+    # Sorted last, right before materializing: a map after the sort could reorder blocks.
     return {
-        split: tokenized.map_batches(
-            with_split, fn_kwargs={"split": split}, batch_format="pyarrow"
-        ).materialize()
+        split: tokenized.map_batches(with_split, fn_kwargs={"split": split}, batch_format="pyarrow")
+        .sort(ORDER)
+        .materialize()
         for split in FIT_SPLITS
     }
