@@ -38,7 +38,10 @@ SECTIONS = {
     "xgb_train": (
         "XGBoost: Ray Train's XGBoostTrainer vs `xgboost.train` with the same threads",
         ["side", "customers", "workers", "threads", "fit_s", "ratio", "gini", "churn_auc"],
-        "Three boosters (value, churn, quantiles) with early stopping; metrics on the test split.",
+        "Value, churn and spend boosters (on the Ray Train workers) and the quantile booster "
+        "(one task, on a hash sample of at most 200,000 customers) with early stopping, fitted "
+        "by clvray's recipe on both sides (`fit_booster`), so both sides fit the same boosters; "
+        "metrics on the test split. `fit_s` includes the sample, edges and quantile fit.",
     ),
     "finetune": (
         "Fine-tuning: Ray Train's TorchTrainer vs a plain single-process loop",

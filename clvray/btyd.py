@@ -114,8 +114,14 @@ def fit_train_btyd(customers, n_train: int, storage: Storage, out_dir: str) -> T
     train = customers.filter(expr="split == 'train'").select_columns(
         ["customer_id", "frequency", "recency_days", "T_days", "monetary", "monetary_repeat"]
     )
-    if n_train > FIT_CUSTOMERS:
-        train = train.random_sample(FIT_CUSTOMERS / n_train * 1.2, seed=0)
+    if n_train > FIT_CUSTOMERS:  # a hash sample: the same customers whatever the blocks
+        from clvray.contract import customer_sample
+
+        train = train.map_batches(
+            customer_sample,
+            batch_format="pandas",
+            fn_kwargs={"share": FIT_CUSTOMERS / n_train * 1.2, "salt": "btyd"},
+        )
     # Sorted by customer: the fit does not depend on the order blocks arrive in.
     df = train.to_pandas().sort_values("customer_id").head(FIT_CUSTOMERS)
     fit = fit_calibration(df)

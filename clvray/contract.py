@@ -159,6 +159,15 @@ def unit_hash(
     return (id_hash64(values, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def customer_sample(batch: pd.DataFrame, share: float, salt: str) -> pd.DataFrame:
+    """The rows of a pandas batch whose customer falls in the stable hash sample of `share`
+    (a `map_batches` function). Unlike `Dataset.random_sample`, whose draw is seeded per block,
+    the sample is the same whatever the blocks."""
+    if share >= 1.0:
+        return batch
+    return batch[unit_hash(batch["customer_id"], salt) < share]
+
+
 # ---------------------------------------------------------------------------------- strings
 
 

@@ -22,9 +22,9 @@ PREDICTIONS = ("future_value_pred", "churn_prob")
 
 
 def _hash_sample(batch: pd.DataFrame, frac: float) -> pd.DataFrame:
-    from clvray.contract import unit_hash
+    from clvray.contract import customer_sample
 
-    return batch[unit_hash(batch["customer_id"], "evaluate") < frac]
+    return customer_sample(batch, frac, "evaluate")
 
 
 def select_test_split(ds, n_total: int, max_customers: int, columns: list[str] | None = None):

@@ -51,9 +51,9 @@ def fit_segment_edges(
 
 
 def _hash_sample(batch: pd.DataFrame, frac: float) -> pd.DataFrame:
-    from clvray.contract import unit_hash
+    from clvray.contract import customer_sample
 
-    return batch[unit_hash(batch["customer_id"], "segments") < frac]
+    return customer_sample(batch, frac, "segments")
 
 
 def assign_segments(batch: pd.DataFrame, edges: list[float]) -> pd.DataFrame:

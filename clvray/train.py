@@ -415,11 +415,9 @@ def sample_share(n_rows: int, sample_customers: int) -> float:
 
 def in_sample(batch: pd.DataFrame, share: float) -> pd.DataFrame:
     """The rows of `batch` in the stable hash sample of customers (a `map_batches` function)."""
-    from clvray.contract import unit_hash
+    from clvray.contract import customer_sample
 
-    if share >= 1.0:
-        return batch
-    return batch[unit_hash(batch["customer_id"], "train-sample") < share]
+    return customer_sample(batch, share, "train-sample")
 
 
 def fit_local(
@@ -515,8 +513,14 @@ def _valid_predictions(valid_ds, model_uri: str, storage: Storage) -> pd.DataFra
     n = valid_ds.count()
     if n == 0:
         raise ValueError("the valid split holds no customers: cannot choose or calibrate")
-    if n > CALIBRATION_ROWS:
-        valid_ds = valid_ds.random_sample(CALIBRATION_ROWS / n, seed=0)
+    if n > CALIBRATION_ROWS:  # a hash sample: the same customers whatever the blocks
+        from clvray.contract import customer_sample
+
+        valid_ds = valid_ds.map_batches(
+            customer_sample,
+            batch_format="pandas",
+            fn_kwargs={"share": CALIBRATION_ROWS / n, "salt": "calibration"},
+        )
     return valid_ds.map_batches(
         _calibration_columns,
         batch_format="pandas",

@@ -132,3 +132,20 @@ def test_fit_local_does_not_depend_on_row_order():
     # another seed draws other rows: another model
     third, _ = fit_local(df, {**PLAN, "seed": 1}, params, sample_customers=1000)
     assert not np.array_equal(first["churn"].predict(d), third["churn"].predict(d))
+
+
+def test_customer_sample_is_the_same_whatever_the_batches():
+    """The hash sample behind btyd's fit, the calibration rows and the train sample: the same
+    customers however the rows are cut into blocks (Dataset.random_sample seeds per block)."""
+    from clvray.contract import customer_sample
+
+    df = _customers(20_000)
+    whole = customer_sample(df, 0.1, "btyd")
+    cuts = [0, 3, 2900, 7000, 12_345, 19_999, 20_000]  # uneven blocks
+    blocks = [df.iloc[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    parts = pd.concat(customer_sample(block, 0.1, "btyd") for block in blocks)
+    assert whole["customer_id"].tolist() == parts["customer_id"].tolist()
+    assert 1800 < len(whole) < 2200
+    assert customer_sample(df, 1.0, "btyd") is df
+    other = customer_sample(df, 0.1, "calibration")["customer_id"]
+    assert set(other) != set(whole["customer_id"])  # salts draw independently
