@@ -13,18 +13,13 @@ import numpy as np
 import pandas as pd
 
 from clvray import baselines, btyd, metrics
+from clvray.contract import customer_sample
 from clvray.features import split_of
 from clvray.io import read_parquet
 from clvray.storage import join
 from clvray.train import Boosters
 
 PREDICTIONS = ("future_value_pred", "churn_prob")
-
-
-def _hash_sample(batch: pd.DataFrame, frac: float) -> pd.DataFrame:
-    from clvray.contract import customer_sample
-
-    return customer_sample(batch, frac, "evaluate")
 
 
 def select_test_split(ds, n_total: int, max_customers: int, columns: list[str] | None = None):
@@ -35,7 +30,9 @@ def select_test_split(ds, n_total: int, max_customers: int, columns: list[str] |
         test = test.select_columns(columns)
     frac = max_customers / (n_total * 0.2) if n_total else 1.0
     if frac < 1:
-        test = test.map_batches(_hash_sample, fn_kwargs={"frac": frac}, batch_format="pandas")
+        test = test.map_batches(
+            customer_sample, fn_kwargs={"share": frac, "salt": "evaluate"}, batch_format="pandas"
+        )
     return test.to_pandas().sort_values("customer_id").reset_index(drop=True)
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from clvray import observability
 from clvray.config import ScoreSection
+from clvray.contract import customer_sample
 from clvray.io import write_parquet
 from clvray.storage import Storage, join
 from clvray.train import Boosters
@@ -42,18 +43,14 @@ def fit_segment_edges(
     n = train.count() if rows is None else rows
     frac = min(1.0, sample_rows / max(n, 1))
     if frac < 1:
-        train = train.map_batches(_hash_sample, fn_kwargs={"frac": frac}, batch_format="pandas")
+        train = train.map_batches(
+            customer_sample, fn_kwargs={"share": frac, "salt": "segments"}, batch_format="pandas"
+        )
     sample = train.to_pandas()
     pred = sample.sort_values("customer_id")["future_value_pred"].to_numpy(float)
     if not len(pred):
         return []
     return np.quantile(pred, np.linspace(0, 1, n_segments + 1)[1:-1]).tolist()
-
-
-def _hash_sample(batch: pd.DataFrame, frac: float) -> pd.DataFrame:
-    from clvray.contract import customer_sample
-
-    return customer_sample(batch, frac, "segments")
 
 
 def assign_segments(batch: pd.DataFrame, edges: list[float]) -> pd.DataFrame:

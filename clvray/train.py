@@ -408,16 +408,13 @@ def fit_quantiles(sample: pd.DataFrame, plan: dict, params: dict) -> tuple[bytes
     return bytes(booster.save_raw("ubj")), result  # type: ignore[attr-defined]
 
 
+SAMPLE_SALT = "train-sample"
+"""Salt of the hash sample behind `prepare` and `fit_quantiles` (`contract.customer_sample`)."""
+
+
 def sample_share(n_rows: int, sample_customers: int) -> float:
     """Share of customers in the hash sample behind `prepare` and `fit_quantiles`."""
     return 1.0 if n_rows <= sample_customers else sample_customers / n_rows
-
-
-def in_sample(batch: pd.DataFrame, share: float) -> pd.DataFrame:
-    """The rows of `batch` in the stable hash sample of customers (a `map_batches` function)."""
-    from clvray.contract import customer_sample
-
-    return customer_sample(batch, share, "train-sample")
 
 
 def fit_local(
@@ -426,7 +423,11 @@ def fit_local(
     """Every booster of `params` fitted in this process the way `train_models` fits them on
     Ray Train workers (same sample, edges, base scores and row draws): the boosters by name
     and their results. For benchmarks and tests; `df` holds train and valid customers."""
-    sample = in_sample(df, sample_share(len(df), sample_customers))
+    import xgboost as xgb
+
+    from clvray.contract import customer_sample
+
+    sample = customer_sample(df, sample_share(len(df), sample_customers), SAMPLE_SALT)
     plan = prepare(sample, plan, params)
     train, valid = _splits(df)
     boosters: dict[str, Any] = {}
@@ -434,8 +435,6 @@ def fit_local(
     for name, p in params.items():
         if name == "quantiles":
             raw, results[name] = fit_quantiles(sample, plan, p)
-            import xgboost as xgb
-
             boosters[name] = xgb.Booster(model_file=bytearray(raw))
         else:
             boosters[name], results[name] = fit_booster(name, p, train, valid, plan)
@@ -688,8 +687,15 @@ def train_models(
     }
     # The shard-independent parts (edges, base scores) and the quantile booster come from one
     # hash sample of customers, in tasks: the sample's rows never reach the driver.
-    share = sample_share(rows.count(), cfg.sample_customers)
-    sample = rows.map_batches(in_sample, batch_format="pandas", fn_kwargs={"share": share})
+    from clvray.contract import customer_sample
+
+    n_rows = rows.count()  # materialized: from block metadata
+    share = sample_share(n_rows, cfg.sample_customers)
+    sample = rows.map_batches(
+        customer_sample,
+        batch_format="pandas",
+        fn_kwargs={"share": share, "salt": SAMPLE_SALT},
+    )
     sample = sample.materialize()
     task = ray.remote(num_cpus=cfg.cpus_per_worker)
     plan = ray.get(task(_prepare_task).remote(sample, plan, params))
@@ -727,10 +733,10 @@ def train_models(
     raw, results["quantiles"] = ray.get(quantiles)
     n_valid = valid_ds.count()
     seen = (results["churn"]["train_rows"], results["churn"]["valid_rows"])
-    if seen != (rows.count() - n_valid, n_valid):
+    if seen != (n_rows - n_valid, n_valid):
         raise RuntimeError(
             f"the boosters saw {seen[0]} train and {seen[1]} valid customers of "
-            f"{rows.count() - n_valid} and {n_valid}: rows were lost between Ray Data and "
+            f"{n_rows - n_valid} and {n_valid}: rows were lost between Ray Data and "
             "the Ray Train workers"
         )
     storage.write_bytes(join(out, MODEL_FILES["quantiles"]), raw)
